@@ -1,0 +1,3 @@
+from hadron.cli import main
+
+main()
