@@ -174,6 +174,11 @@ class Depends(_Strict):
     host: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9+._-]+$")]] = Field(
         default_factory=list, description="programs the build environment must provide"
     )
+    toolchain: bool = Field(
+        default=True,
+        description="build with the selected target toolchain (false: part of the toolchain itself, "
+        "built with the build environment's compiler)",
+    )
 
 
 class Outputs(_Strict):
@@ -370,7 +375,7 @@ def load_recipes(directories: list[Path]) -> dict[str, LoadedRecipe]:
             recipes[name] = parse_recipe(path, expect_name=name)
         except RecipeError as e:
             problems += e.problems
-    for name, r in recipes.items():
+    for r in recipes.values():
         for kind in ("build", "run"):
             for i, dep in enumerate(getattr(r.recipe.depends, kind)):
                 if dep not in files:

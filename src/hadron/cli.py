@@ -1,0 +1,260 @@
+"""The ``hadron`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hadron import __version__, sandbox
+from hadron.cache import tree_size
+from hadron.config import load_settings
+from hadron.context import Context
+from hadron.errors import HadronError, RecipeError
+from hadron.fetch import fetch_recipe
+from hadron.progress import Reporter
+from hadron.scheduler import Result, Scheduler, Summary
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(f: F) -> F:
+    f = click.option("--recipes", "recipes", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+                     help="Extra recipe directory; adds or overrides recipes by name (repeatable).")(f)
+    f = click.option("--toolchain", default=None, help="Toolchain profile (default from hadron.toml).")(f)
+    f = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Cache root (default $HADRON_CACHE or ~/.cache/hadron).")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+    return f
+
+
+def _ctx(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, **kw: Any) -> Context:
+    return Context(load_settings(extra_recipes=list(recipes), toolchain=toolchain, cache_dir=cache_dir, **kw))
+
+
+def _guard(f: F) -> F:
+    """Print user errors as `error: …` plus a hint, never as a traceback."""
+
+    @wraps(f)
+    def inner(*a: Any, **kw: Any) -> Any:
+        try:
+            return f(*a, **kw)
+        except RecipeError as e:
+            click.echo("error: " + e.message, err=True)
+            sys.exit(2)
+        except HadronError as e:
+            click.echo(f"error: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"hint: {e.hint}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return inner  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """Build Hadron from declarative recipes: verified sources, sandboxed steps, cached outputs."""
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@_common
+@click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None, help="CPU budget (default: cores).")
+@click.option("--offline", is_flag=True, help="Use only sources already in the store.")
+@click.option("--keep-going/--fail-fast", default=True, show_default=True,
+              help="After a failure, keep building packages that do not depend on it.")
+@click.option("--no-check", is_flag=True, help="Skip the recipes' check steps.")
+@_guard
+def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+          as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool) -> None:
+    """Build TARGETS (default: every package) and what they need."""
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going)
+    names = list(targets) or ctx.default_targets()
+    ctx.graph.check_targets(names)
+    summary = run_build(ctx, names, run_check=not no_check, quiet=as_json)
+    _report(summary, as_json)
+    sys.exit(0 if summary.ok else 1)
+
+
+def run_build(ctx: Context, names: list[str], *, run_check: bool = True, quiet: bool = False) -> Summary:
+    outputs, keys = ctx.planner.resolve_cached(names)
+    closure = ctx.graph.closure(names)
+    if all(n in outputs for n in closure):  # fast path: nothing to do, no sandbox needed
+        summary = Summary()
+        for n in closure:
+            summary.results[n] = Result(n, "cached", keys[n], outputs[n], log=str(outputs[n].log))
+        return summary
+    sandbox.check_isolation()
+    sched = Scheduler(ctx.planner, ctx.executor, ctx.store, ctx.mirrors,
+                      lambda total: Reporter(total, quiet=quiet))
+    return sched.run(names, run_check=run_check)
+
+
+def _report(summary: Summary, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "ok": summary.ok,
+            "seconds": round(summary.seconds, 3),
+            "packages": {
+                n: {"status": r.status, "key": r.key, "log": r.log, "error": r.error,
+                    "output": str(r.output.path) if r.output else None}
+                for n, r in summary.results.items()
+            },
+        }, indent=2))
+        return
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in ("built", "cached", "failed", "skipped") if summary.count(s))
+    click.echo(f"{len(summary.results)} packages: {counts} ({summary.seconds:.1f}s)", err=True)
+    for r in summary.failed:
+        click.echo(f"FAILED {r.name}: {r.error}\n  log: {r.log}", err=True)
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@_common
+@click.option("--offline", is_flag=True, help="Only check that the sources are in the store.")
+@_guard
+def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+          as_json: bool, offline: bool) -> None:
+    """Download and verify the sources of TARGETS and their dependencies (default: all)."""
+    ctx = _ctx(recipes, toolchain, cache_dir, offline=offline)
+    names = ctx.graph.closure(list(targets) or ctx.default_targets())
+    failures: list[str] = []
+    report: dict[str, list[dict[str, str]]] = {}
+    for n in names:
+        try:
+            got = fetch_recipe(ctx.store, ctx.recipes[n], ctx.mirrors, offline=offline, upstream=ctx.settings.upstream)
+        except HadronError as e:
+            failures.append(str(e))
+            continue
+        report[n] = [{"file": f.source.name, "sha256": f.digest, "from": f.origin, "path": str(f.path)} for f in got]
+        if not as_json:
+            for f in got:
+                click.echo(f"{n}: {f.source.name} ok ({f.origin})", err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": not failures, "sources": report, "errors": failures}, indent=2))
+    for msg in failures:
+        click.echo(f"error: {msg}", err=True)
+    sys.exit(1 if failures else 0)
+
+
+@main.command()
+@click.argument("target", required=False)
+@_common
+@click.option("--dot", is_flag=True, help="Graphviz output.")
+@_guard
+def graph(target: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+          as_json: bool, dot: bool) -> None:
+    """Show the dependency tree of TARGET (default: every package)."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    g = ctx.graph
+    targets = [target] if target else ctx.default_targets()
+    if dot:
+        click.echo(g.dot(targets))
+    elif as_json:
+        names = g.closure(targets)
+        click.echo(json.dumps({n: {"build": g.build_deps(n), "run": g.run_deps(n)} for n in names}, indent=2))
+    elif target:
+        click.echo(g.tree(target))
+    else:
+        rev = g.reverse_deps()
+        roots = [n for n in g.closure(targets) if not rev[n]]
+        for r in roots:
+            click.echo(g.tree(r))
+
+
+@main.command()
+@click.argument("package")
+@_common
+@_guard
+def show(package: str, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+         as_json: bool) -> None:
+    """Show PACKAGE's resolved recipe, cache key and state, and log path."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    ctx.graph.check_targets([package])
+    lr = ctx.recipes[package]
+    outputs, keys = ctx.planner.resolve_cached([package])
+    key = keys.get(package)
+    out = outputs.get(package)
+    info: dict[str, Any] = {
+        "recipe_file": str(lr.path),
+        "recipe": lr.normalized(),
+        "build_inputs": ctx.planner.inputs(package),
+        "toolchain": ctx.toolchain.name,
+        "key": key,
+        "cached": out is not None,
+        "output": str(out.path) if out else None,
+        "log": str(out.log) if out else str(ctx.cache.log_path(package)),
+    }
+    if key is None:
+        info["key_note"] = "unknown until the package's inputs are built"
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{package} {lr.recipe.version} — {lr.recipe.summary}")
+    click.echo(f"  recipe:  {lr.path}")
+    click.echo(f"  inputs:  {', '.join(info['build_inputs']) or '(none)'}")
+    click.echo(f"  key:     {key or 'unknown (inputs not built yet)'}")
+    click.echo(f"  cached:  {'yes, ' + str(out.path) if out else 'no'}")
+    click.echo(f"  log:     {info['log']}")
+    click.echo("  resolved recipe:")
+    click.echo("    " + json.dumps(info["recipe"], indent=2).replace("\n", "\n    "))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the output cache."""
+
+
+@cache.command("verify")
+@_common
+@_guard
+def cache_verify(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, as_json: bool) -> None:
+    """Re-hash every cached output and source against its manifest."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    problems: list[str] = []
+    outs = ctx.cache.all_outputs()
+    for out in outs:
+        problems += ctx.cache.verify(out)
+    bad_sources = ctx.store.verify()
+    problems += [f"{ctx.store.path(d)}: content does not match its sha256 name" for d in bad_sources]
+    if as_json:
+        click.echo(json.dumps({"outputs": len(outs), "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            click.echo(f"CORRUPT {p}", err=True)
+        click.echo(f"{len(outs)} outputs checked, {len(problems)} problem(s)", err=True)
+        if problems:
+            click.echo("hint: delete the named output directory; "
+                       "the next build recreates it", err=True)
+    sys.exit(1 if problems else 0)
+
+
+@cache.command("gc")
+@_common
+@click.option("--keep-all-current/--only-targets", default=True,
+              help="Keep outputs of every package of the current recipes (default) or only TARGETS'.")
+@click.argument("targets", nargs=-1)
+@_guard
+def cache_gc(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, as_json: bool,
+             keep_all_current: bool, targets: tuple[str, ...]) -> None:
+    """Delete outputs the current recipes no longer produce, and leftovers of interrupted builds."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    names = list(targets) or ctx.default_targets()
+    _outs, keys = ctx.planner.resolve_cached(names)
+    keep = set(keys.values())
+    before = tree_size(ctx.cache.root) if ctx.cache.root.exists() else 0
+    count, freed = ctx.cache.gc(keep)
+    if as_json:
+        click.echo(json.dumps({"removed": count, "bytes_freed": freed, "kept": len(keep)}))
+    else:
+        click.echo(f"removed {count} entr{'y' if count == 1 else 'ies'}, freed {freed / 1e6:.1f} MB "
+                   f"of {before / 1e6:.1f} MB; kept {len(keep)} outputs", err=True)

@@ -1,0 +1,63 @@
+"""The one mutable object of a run: settings plus everything loaded from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from hadron.cache import Cache
+from hadron.config import Settings
+from hadron.executor import LocalExecutor
+from hadron.fetch import SourceStore
+from hadron.graph import Graph
+from hadron.jobs import JobServer
+from hadron.mirrors import MirrorProvider, make_providers
+from hadron.recipe import LoadedRecipe, load_recipes
+from hadron.scheduler import Planner
+from hadron.toolchain import Toolchain, load_toolchain
+
+
+@dataclass
+class Context:
+    settings: Settings
+
+    @cached_property
+    def recipes(self) -> dict[str, LoadedRecipe]:
+        return load_recipes(list(self.settings.recipe_dirs))
+
+    @cached_property
+    def toolchain(self) -> Toolchain:
+        return load_toolchain(self.settings.project, self.settings.toolchain)
+
+    @cached_property
+    def graph(self) -> Graph:
+        g = Graph(self.recipes, self.toolchain.packages)
+        g.check_targets(self.toolchain.packages)
+        return g
+
+    @cached_property
+    def cache(self) -> Cache:
+        return Cache(self.settings.cache_dir)
+
+    @cached_property
+    def store(self) -> SourceStore:
+        return SourceStore(self.settings.cache_dir / "sources")
+
+    @cached_property
+    def mirrors(self) -> list[MirrorProvider]:
+        return make_providers(list(self.settings.mirrors))
+
+    @cached_property
+    def planner(self) -> Planner:
+        return Planner(self.settings, self.graph, self.cache, self.store, self.toolchain)
+
+    @cached_property
+    def jobserver(self) -> JobServer:
+        return JobServer(self.settings.jobs)
+
+    @cached_property
+    def executor(self) -> LocalExecutor:
+        return LocalExecutor(self.cache, self.jobserver)
+
+    def default_targets(self) -> list[str]:
+        return sorted(self.recipes)

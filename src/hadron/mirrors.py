@@ -1,0 +1,152 @@
+"""Mirror providers: other places a source may be fetched from, judged by the same sha256.
+
+Mirrors are configured outside the recipes (``hadron.toml``: ``[fetch] mirrors = [...]``):
+
+- ``"debian"`` — Debian's source archive. Its base URL is read at run time from the host's apt
+  configuration (``/etc/apt/sources.list`` and ``/etc/apt/sources.list.d/*``); a recipe names the
+  Debian file in ``sources[].alternatives`` (``provider = "debian"``).
+- ``"debian=<url>"`` — the same, with an explicit base URL.
+- any URL containing ``{sha256}`` or ``{filename}`` — a generic content mirror.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from debian.deb822 import Deb822
+
+from hadron.errors import HadronError
+from hadron.recipe import Source
+
+
+@dataclass(frozen=True)
+class Candidate:
+    url: str
+    sha256: str
+    via: str
+
+
+class MirrorProvider(Protocol):
+    name: str
+
+    def candidates(self, source: Source) -> list[Candidate]: ...
+
+
+def pool_prefix(package: str) -> str:
+    """Debian pool directory prefix: first letter, or ``lib`` + letter for lib* packages."""
+    if package.startswith("lib") and len(package) > 3:
+        return package[:4]
+    return package[0]
+
+
+def apt_debian_uris(etc_apt: Path = Path("/etc/apt")) -> list[str]:
+    """Base URIs of the Debian archive named by the host's apt configuration, in file order.
+
+    Security and third-party repositories are skipped: an archive qualifies when one of its
+    suites is a plain Debian suite (no ``-security``) and it has the ``main`` component.
+    """
+    uris: list[str] = []
+
+    def consider(uri: str, suites: list[str], components: list[str]) -> None:
+        if "main" not in components:
+            return
+        if not any(s and not s.endswith("-security") and "/" not in s for s in suites):
+            return
+        uri = uri.rstrip("/")
+        if uri.endswith("-security"):
+            return
+        if uri not in uris:
+            uris.append(uri)
+
+    files: list[Path] = []
+    if (etc_apt / "sources.list").is_file():
+        files.append(etc_apt / "sources.list")
+    d = etc_apt / "sources.list.d"
+    if d.is_dir():
+        files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for para in Deb822.iter_paragraphs(text.splitlines()):
+                if para.get("Enabled", "yes").strip().lower() == "no":
+                    continue
+                types = para.get("Types", "").split()
+                if "deb" not in types and "deb-src" not in types:
+                    continue
+                for uri in para.get("URIs", "").split():
+                    consider(uri, para.get("Suites", "").split(), para.get("Components", "").split())
+        else:
+            for line in text.splitlines():
+                line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()  # type: ignore[assignment]
+                if len(line) >= 4 and line[0] in ("deb", "deb-src"):
+                    consider(line[1], [line[2]], list(line[3:]))
+    return [u for u in uris if _looks_like_debian(u)]
+
+
+def _looks_like_debian(uri: str) -> bool:
+    # The archive path of Debian mirrors ends in /debian (possibly under a snapshot path).
+    return uri.startswith(("http://", "https://", "file:/")) and uri.rstrip("/").endswith("debian")
+
+
+class DebianProvider:
+    name = "debian"
+
+    def __init__(self, base_urls: list[str] | None = None, etc_apt: Path = Path("/etc/apt")) -> None:
+        self._explicit = base_urls
+        self._etc_apt = etc_apt
+        self._resolved: list[str] | None = None
+
+    @property
+    def base_urls(self) -> list[str]:
+        if self._resolved is None:
+            self._resolved = self._explicit if self._explicit else apt_debian_uris(self._etc_apt)
+        return self._resolved
+
+    def candidates(self, source: Source) -> list[Candidate]:
+        out = []
+        for alt in source.alternatives:
+            if alt.provider != "debian":
+                continue
+            digest = alt.sha256 or source.sha256
+            if digest is None:
+                continue
+            for base in self.base_urls:
+                url = f"{base}/pool/main/{pool_prefix(alt.package)}/{alt.package}/{alt.file}"
+                out.append(Candidate(url, digest, "debian" + (" repack" if alt.sha256 else "")))
+        return out
+
+
+class TemplateProvider:
+    def __init__(self, template: str) -> None:
+        self.name = template
+        self.template = template
+
+    def candidates(self, source: Source) -> list[Candidate]:
+        out = []
+        for digest in source.digests():
+            url = self.template.replace("{sha256}", digest).replace("{filename}", source.name)
+            out.append(Candidate(url, digest, "mirror"))
+        return out
+
+
+def make_providers(specs: list[str], etc_apt: Path = Path("/etc/apt")) -> list[MirrorProvider]:
+    providers: list[MirrorProvider] = []
+    for spec in specs:
+        if spec == "debian":
+            providers.append(DebianProvider(etc_apt=etc_apt))
+        elif spec.startswith("debian="):
+            providers.append(DebianProvider([spec.removeprefix("debian=").rstrip("/")]))
+        elif "{sha256}" in spec or "{filename}" in spec:
+            providers.append(TemplateProvider(spec))
+        else:
+            raise HadronError(
+                f"unknown mirror {spec!r} in the [fetch] mirrors setting",
+                hint='use "debian", "debian=<base url>" or a URL template containing {sha256} or {filename}',
+            )
+    return providers

@@ -1,0 +1,156 @@
+"""Sandbox: run one build step in fresh Linux namespaces, without any daemon.
+
+Each step runs under bubblewrap in new user, mount, pid, ipc, uts and cgroup namespaces and an
+empty network namespace (loopback only, down). The host's build environment (``/usr``, ``/etc``)
+and the dependencies' outputs are mounted read-only; only the build directory, DESTDIR and a
+private ``/tmp`` are writable, and the root of the sandbox is re-mounted read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import BinaryIO
+
+from hadron.errors import SandboxError
+
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOSTNAME = "hadron-build"
+# Top-level host directories that form the read-only build environment.
+HOST_ENV_DIRS = ("usr", "etc", "opt")
+HOST_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command to run in a sandbox."""
+
+    argv: Sequence[str]
+    mounts: Sequence[Mount]
+    env: Mapping[str, str]
+    cwd: str = "/build"
+    pass_fds: Sequence[int] = field(default_factory=tuple)
+
+
+def base_env(source_date_epoch: int, home: str = "/build/.home") -> dict[str, str]:
+    return {
+        "PATH": SANDBOX_PATH,
+        "LC_ALL": "C",
+        "LANG": "C",
+        "TZ": "UTC",
+        "SOURCE_DATE_EPOCH": str(source_date_epoch),
+        "HOME": home,
+        "TMPDIR": "/tmp",
+        "SHELL": "/bin/sh",
+        "TERM": "dumb",
+    }
+
+
+@cache
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def _root_args() -> list[str]:
+    args: list[str] = []
+    for d in HOST_ENV_DIRS:
+        if Path("/" + d).is_dir():
+            args += ["--ro-bind", "/" + d, "/" + d]
+    for d in HOST_ROOT_LINKS:
+        p = Path("/" + d)
+        if p.is_symlink():
+            args += ["--symlink", os.readlink(p), "/" + d]
+        elif p.is_dir():
+            args += ["--ro-bind", str(p), "/" + d]
+    return args
+
+
+def bwrap_argv(step: Step) -> list[str]:
+    bwrap = bwrap_path()
+    if bwrap is None:
+        raise SandboxError(
+            "bubblewrap (bwrap) is not installed; Hadron runs every build step in a bwrap sandbox",
+            hint="install it: apt-get install bubblewrap",
+        )
+    args = [
+        bwrap,
+        "--unshare-user",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        HOSTNAME,
+        "--die-with-parent",
+        "--new-session",
+        "--uid",
+        "0",
+        "--gid",
+        "0",
+        *_root_args(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/var/tmp",
+    ]
+    for m in step.mounts:
+        args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
+    args += ["--remount-ro", "/", "--chdir", step.cwd, "--clearenv"]
+    for k, v in sorted(step.env.items()):
+        args += ["--setenv", k, v]
+    return [*args, "--", *step.argv]
+
+
+def run(step: Step, log: BinaryIO | int | None = None) -> int:
+    """Run a step; its stdout and stderr go to ``log``. Returns the exit status."""
+    argv = bwrap_argv(step)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+        pass_fds=tuple(step.pass_fds),
+        umask=0o022,
+        env={"PATH": SANDBOX_PATH},
+        start_new_session=False,
+    )
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@cache
+def check_isolation() -> None:
+    """Refuse to build when this host cannot create the namespaces a sandbox needs."""
+    step = Step(argv=["/bin/sh", "-c", "test -d /proc/self && echo ok"], mounts=(), env=base_env(0), cwd="/")
+    try:
+        res = subprocess.run(bwrap_argv(step), capture_output=True, timeout=60, env={"PATH": SANDBOX_PATH})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SandboxError(f"cannot start the build sandbox: {e}") from None
+    if res.returncode != 0 or b"ok" not in res.stdout:
+        detail = (res.stderr or res.stdout).decode(errors="replace").strip()
+        raise SandboxError(
+            f"this host cannot isolate build steps (bwrap failed: {detail})",
+            hint="enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+            "or user.max_user_namespaces > 0) or run as root; Hadron does not build unisolated",
+        )

@@ -1,0 +1,264 @@
+"""Plan and run a build of part of the graph: keys, cache lookups, parallel execution.
+
+Packages are started as soon as every input is available and a CPU slot is free (see
+:mod:`hadron.jobs`). A failure stops only the packages that depend on it, unless ``keep_going`` is
+off, in which case no new package starts after the first failure.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from hadron.cache import Cache, Output, compute_key
+from hadron.config import EnvIdentity, Settings, missing_tools_error
+from hadron.errors import HadronError
+from hadron.executor import BuildRequest, Executor
+from hadron.fetch import SourceStore, fetch_recipe
+from hadron.graph import Graph
+from hadron.mirrors import MirrorProvider
+from hadron.progress import Reporter
+from hadron.toolchain import Toolchain
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # cached | built | failed | skipped
+    key: str | None = None
+    output: Output | None = None
+    error: str | None = None
+    log: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    results: dict[str, Result] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results.values() if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status in ("cached", "built") for r in self.results.values())
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results.values() if r.status == status)
+
+
+# Programs each build-system helper runs.
+SYSTEM_TOOLS: dict[str, tuple[str, ...]] = {
+    "autotools": ("make",),
+    "meson": ("meson", "ninja"),
+    "cmake": ("cmake", "ninja"),
+    "make": ("make",),
+    "kbuild": ("make", "flex", "bison", "bc", "perl"),
+    "custom": (),
+}
+
+
+class Planner:
+    """Computes cache keys. A key needs the content digests of the package's inputs, so it is
+    known once they are built (or found in the cache)."""
+
+    def __init__(self, settings: Settings, graph: Graph, cache: Cache, store: SourceStore, toolchain: Toolchain):
+        self.settings = settings
+        self.graph = graph
+        self.cache = cache
+        self.store = store
+        self.toolchain = toolchain
+        self.envid = EnvIdentity(settings)
+        self._inputs: dict[str, list[str]] = {}
+
+    def inputs(self, name: str) -> list[str]:
+        if name not in self._inputs:
+            self._inputs[name] = self.graph.transitive_build_inputs(name)
+        return self._inputs[name]
+
+    def host_tools(self, name: str) -> list[str]:
+        r = self.graph.recipes[name].recipe
+        tools = [*SYSTEM_TOOLS[r.build.system], *r.depends.host]
+        if r.depends.toolchain:
+            tools += self.toolchain.host_tools
+        return tools
+
+    def check_host_tools(self, names: list[str]) -> None:
+        missing: dict[str, list[str]] = {}
+        for n in names:
+            for t in self.envid.missing(self.host_tools(n)):
+                missing.setdefault(t, []).append(f"{n} ({self.graph.recipes[n].path})")
+        if missing:
+            raise missing_tools_error(missing)
+
+    def source_digests(self, name: str) -> list[str]:
+        out = []
+        for s in self.graph.recipes[name].recipe.sources:
+            ds = s.digests()
+            out.append(next((d for d in ds if self.store.has(d)), ds[0]))
+        return out
+
+    def key(self, name: str, outputs: dict[str, Output]) -> str:
+        lr = self.graph.recipes[name]
+        return compute_key(
+            recipe_digest=lr.digest(),
+            source_digests=self.source_digests(name),
+            input_digests={d: outputs[d].digest() for d in self.inputs(name)},
+            env_identity=self.envid.identity(self.host_tools(name)),
+            toolchain=self.toolchain.name if lr.recipe.depends.toolchain else "none",
+            arch=self.settings.arch,
+        )
+
+    def resolve_cached(self, targets: list[str]) -> tuple[dict[str, Output], dict[str, str]]:
+        """Walk the closure in order while everything is cached; returns outputs and keys found."""
+        outputs: dict[str, Output] = {}
+        keys: dict[str, str] = {}
+        for n in self.graph.closure(targets):
+            if any(d not in outputs for d in self.inputs(n)):
+                continue
+            k = self.key(n, outputs)
+            keys[n] = k
+            out = self.cache.get(k)
+            if out is not None:
+                outputs[n] = out
+        return outputs, keys
+
+
+class Scheduler:
+    def __init__(
+        self,
+        planner: Planner,
+        executor: Executor,
+        store: SourceStore,
+        mirrors: list[MirrorProvider],
+        reporter_factory: Callable[[int], Reporter],
+    ) -> None:
+        self.planner = planner
+        self.executor = executor
+        self.store = store
+        self.mirrors = mirrors
+        self.reporter_factory = reporter_factory
+        self.settings = planner.settings
+
+    def run(self, targets: list[str], *, run_check: bool = True) -> Summary:
+        t_start = time.monotonic()
+        graph = self.planner.graph
+        order = graph.closure(targets)
+        self.planner.check_host_tools(order)
+        summary = Summary()
+        outputs: dict[str, Output] = {}
+        pending = list(order)
+        running: set[str] = set()
+        done_q: queue.Queue[tuple[str, Result, bytes]] = queue.Queue()
+        stop = False
+        js = getattr(self.executor, "jobserver", None)
+
+        def blocked_by_failure(n: str) -> str | None:
+            for d in self.planner.inputs(n):
+                r = summary.results.get(d)
+                if r is not None and r.status in ("failed", "skipped"):
+                    return d
+            return None
+
+        def work(n: str, key: str, slot: bytes, rep: Reporter) -> None:
+            t0 = time.monotonic()
+            lr = graph.recipes[n]
+            try:
+                rep.phase(n, "fetch")
+                fetched = fetch_recipe(
+                    self.store, lr, self.mirrors, offline=self.settings.offline, upstream=self.settings.upstream
+                )
+                req = BuildRequest(
+                    recipe=lr,
+                    key=key,
+                    sources=fetched,
+                    inputs={d: outputs[d] for d in self.planner.inputs(n)},
+                    env_identity=self.planner.envid.identity(self.planner.host_tools(n)),
+                    toolchain=self.planner.toolchain,
+                    source_date_epoch=self.settings.source_date_epoch,
+                    extra_path=self.settings.extra_path,
+                    run_check=run_check,
+                    on_phase=lambda p: rep.phase(n, p),
+                )
+                out = self.executor.build(req)
+                res = Result(n, "built", key, out, seconds=time.monotonic() - t0,
+                             log=str(out.log))
+            except HadronError as e:
+                res = Result(n, "failed", key, error=str(e), seconds=time.monotonic() - t0,
+                             log=str(self.planner.cache.log_path(n)))
+            except Exception as e:  # an engine bug must not hang the scheduler
+                res = Result(n, "failed", key, error=f"internal error: {e!r}", seconds=time.monotonic() - t0,
+                             log=str(self.planner.cache.log_path(n)))
+            done_q.put((n, res, slot))
+
+        rep = self.reporter_factory(len(order))
+        with rep, ThreadPoolExecutor(max_workers=max(1, self.settings.jobs)) as pool:
+            while pending or running:
+                progressed = False
+                for n in list(pending):
+                    if stop:
+                        break
+                    failed_dep = blocked_by_failure(n)
+                    if failed_dep is not None:
+                        pending.remove(n)
+                        summary.results[n] = Result(n, "skipped", error=f"input {failed_dep} failed")
+                        rep.finished(n, "skipped", f"(input {failed_dep} failed)")
+                        progressed = True
+                        continue
+                    if any(d not in outputs for d in self.planner.inputs(n)):
+                        continue
+                    key = self.planner.key(n, outputs)
+                    hit = self.planner.cache.get(key)
+                    if hit is not None:
+                        pending.remove(n)
+                        outputs[n] = hit
+                        summary.results[n] = Result(n, "cached", key, hit, log=str(hit.log))
+                        rep.finished(n, "cached")
+                        progressed = True
+                        continue
+                    slot = js.acquire_slot() if js is not None else b""
+                    if slot is None:
+                        break  # no CPU slot free; wait for one
+                    pending.remove(n)
+                    running.add(n)
+                    pool.submit(work, n, key, slot, rep)
+                    progressed = True
+                if stop:
+                    for n in pending:
+                        summary.results[n] = Result(n, "skipped", error="stopped after a failure")
+                    pending.clear()
+                if progressed:
+                    continue
+                if not running:
+                    if pending:  # inputs that can never be satisfied (should not happen)
+                        raise HadronError("scheduler stalled on: " + ", ".join(pending))
+                    break
+                try:
+                    n, res, slot = done_q.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                while True:
+                    running.discard(n)
+                    if js is not None:
+                        js.release_slot(slot)
+                    summary.results[n] = res
+                    if res.output is not None:
+                        outputs[n] = res.output
+                        rep.finished(n, "built", f"in {res.seconds:.1f}s")
+                    else:
+                        rep.finished(n, "FAILED", f"(log: {res.log})")
+                        if not self.settings.keep_going:
+                            stop = True
+                    try:
+                        n, res, slot = done_q.get_nowait()
+                    except queue.Empty:
+                        break
+        self.planner.envid.save()
+        summary.seconds = time.monotonic() - t_start
+        return summary
+

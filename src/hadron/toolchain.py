@@ -1,0 +1,62 @@
+"""Toolchain profiles: which compiler target recipes are built with.
+
+A profile is data (``distro/toolchains/<name>.toml``): the packages that provide it (implicit build
+dependencies of every recipe with ``depends.toolchain = true``), directories prepended to ``PATH``
+and environment for the build-system helpers. ``native`` — the build environment's own compiler,
+no extra packages — is built in and used for engine tests.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hadron.errors import HadronError
+
+
+class ToolchainSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    summary: str
+    packages: list[str] = Field(default_factory=list)
+    path: list[str] = Field(default_factory=list, description="directories prepended to PATH")
+    env: dict[str, str] = Field(default_factory=dict)
+    host_tools: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    name: str
+    packages: tuple[str, ...] = ()
+    path: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    host_tools: tuple[str, ...] = ()
+
+    def step_env(self) -> dict[str, str]:
+        out = {"HADRON_CONFIGURE_HOST": "", "HADRON_MESON_ARGS": "", "HADRON_CMAKE_ARGS": ""}
+        out.update(self.env)
+        return out
+
+
+NATIVE = Toolchain(name="native")
+
+
+def load_toolchain(project: Path, name: str) -> Toolchain:
+    if name == "native":
+        return NATIVE
+    path = project / "distro" / "toolchains" / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(["native", *(p.stem for p in (project / "distro" / "toolchains").glob("*.toml"))])
+        raise HadronError(f"unknown toolchain profile {name!r}", hint="choose one of: " + ", ".join(known))
+    try:
+        spec = ToolchainSpec.model_validate(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as e:
+        raise HadronError(f"{path}: (syntax): {e}") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise HadronError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return Toolchain(spec.name, tuple(spec.packages), tuple(spec.path), dict(spec.env), tuple(spec.host_tools))
