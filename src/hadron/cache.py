@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hadron import BUILD_LOGIC_VERSION
+from hadron import BUILD_LOGIC_VERSION, faults
 from hadron.errors import HadronError
 
 OUTPUTS = ("runtime", "dev")
@@ -256,6 +256,7 @@ class Cache:
         _write_synced(staged / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _write_synced(staged / "digest", digest + "\n")
         _fsync_dir(staged)
+        faults.point("after-manifest")
         final = self.outputs / key
         try:
             os.rename(staged, final)
@@ -264,6 +265,7 @@ class Cache:
                 raise
             remove_tree(staged)  # another process finished the same key first
         _fsync_dir(self.outputs)
+        faults.point("after-rename")
         return Output(key, final)
 
     def all_outputs(self) -> list[Output]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from hadron import BUILD_LOGIC_VERSION, buildsys, sandbox
+from hadron import BUILD_LOGIC_VERSION, buildsys, faults, sandbox
 from hadron.cache import Cache, Output, remove_tree, split_tree
 from hadron.errors import BuildError, HadronError
 from hadron.fetch import Fetched
@@ -187,6 +187,7 @@ class LocalExecutor:
                 else:
                     cmds.append(f"cp '{target}' '{dest}/{s.name}'")
             self._step(req, "unpack", "\n".join(cmds), mounts, env, log, timings, jobserver=False, cwd="/src")
+            faults.point("after-unpack")
 
         mounts = [
             sandbox.Mount(dirs["src"], "/src"),
@@ -201,9 +202,11 @@ class LocalExecutor:
             if phase.name == "configure" and isinstance(r.build, KbuildBuild) and r.build.fragments:
                 self._check_kconfig(req, dirs["build"], log)
 
+        faults.point("after-build")
         t0 = time.monotonic()
         split_tree(dirs["destdir"], tmp / "out", r.dev_globs(), r.drop_globs())
         timings["split"] = round(time.monotonic() - t0, 3)
+        faults.point("after-split")
         header(f"done in {time.time() - started:.1f}s")
         return {
             "name": r.name,

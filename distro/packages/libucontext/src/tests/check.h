@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #define CHECK(cond)                                                                    \
 	do {                                                                               \
@@ -14,6 +15,31 @@
 			exit(1);                                                                   \
 		}                                                                              \
 	} while (0)
+
+/*
+ * main calls test_start() first and returns test_done(). Exiting any other way, even
+ * with status 0 (say, a context returning with no uc_link by mistake), then fails.
+ */
+static volatile int test_completed;
+
+static void fail_if_incomplete(void)
+{
+	if (!test_completed) {
+		fprintf(stderr, "exited before the end of main\n");
+		_exit(1);
+	}
+}
+
+static inline void test_start(void)
+{
+	CHECK(atexit(fail_if_incomplete) == 0);
+}
+
+static inline int test_done(void)
+{
+	test_completed = 1;
+	return 0;
+}
 
 #define STACK_SIZE (256 * 1024)
 

@@ -21,8 +21,10 @@ static void pinger(int times)
 
 int main(void)
 {
-	char *stack = new_stack();
+	char *stack;
 
+	test_start();
+	stack = new_stack();
 	SAME_FUNCTION(getcontext, libucontext_getcontext);
 	SAME_FUNCTION(setcontext, libucontext_setcontext);
 	SAME_FUNCTION(makecontext, libucontext_makecontext);
@@ -38,5 +40,5 @@ int main(void)
 		CHECK(pings == (i < 3 ? i : 3));
 	}
 	free(stack);
-	return 0;
+	return test_done();
 }

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* getcontext/setcontext round trips, including into a makecontext'd function. */
+#include <errno.h>
 #include <fenv.h>
+#include <sys/mman.h>
 
 #include "libucontext/libucontext.h"
 #include "check.h"
@@ -89,10 +91,29 @@ static void test_into_function(void)
 	free(stack);
 }
 
+/* A context the kernel cannot read fails cleanly: -1, errno set, caller intact. */
+static void test_errors(void)
+{
+	ucontext_t here;
+	void *page = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	const ucontext_t *unreadable = page;
+
+	CHECK(page != MAP_FAILED);
+	errno = 0;
+	CHECK(libucontext_setcontext(unreadable) == -1);
+	CHECK(errno == EFAULT);
+	errno = 0;
+	CHECK(libucontext_swapcontext(&here, unreadable) == -1);
+	CHECK(errno == EFAULT);
+	CHECK(munmap(page, 4096) == 0);
+}
+
 int main(void)
 {
+	test_start();
 	test_round_trip();
 	test_fp_control();
 	test_into_function();
-	return 0;
+	test_errors();
+	return test_done();
 }

@@ -89,7 +89,8 @@ static void test_set(void)
 
 int main(void)
 {
+	test_start();
 	test_swap();
 	test_set();
-	return 0;
+	return test_done();
 }

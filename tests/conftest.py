@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from synth import http_server, write_package  # noqa: E402
+
+
+@dataclass
+class Project:
+    root: Path
+    cache: Path
+    url: str
+    hits: list[str]
+    digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def packages(self) -> Path:
+        return self.root / "distro" / "packages"
+
+    @property
+    def dist(self) -> Path:
+        return self.root / "dist"
+
+    def add(self, name: str, style: str, deps: list[str] | None = None, **kw: object) -> str:
+        d = write_package(self.packages, self.dist, self.url, name, style, deps or [], **kw)  # type: ignore[arg-type]
+        self.digests[name] = d
+        return d
+
+    def hadron(self, *args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, HADRON_CACHE=str(self.cache), HADRON_MIRRORS="")
+        env.pop("HADRON_CONFIG", None)
+        res = subprocess.run(
+            [sys.executable, "-m", "hadron", *args], cwd=self.root, env=env, text=True,
+            capture_output=True, timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"hadron {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        env = dict(os.environ, HADRON_CACHE=str(self.cache), HADRON_MIRRORS="")
+        return subprocess.Popen(
+            [sys.executable, "-m", "hadron", *args], cwd=self.root, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    root = tmp_path / "proj"
+    (root / "distro" / "packages").mkdir(parents=True)
+    (root / "dist").mkdir()
+    with http_server(root / "dist") as (url, hits):
+        yield Project(root=root, cache=tmp_path / "cache", url=url, hits=hits)
