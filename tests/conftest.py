@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synth import http_server, write_package  # noqa: E402
+from synth import http_server, write_package
 
 
 @dataclass

@@ -47,16 +47,24 @@ def c_lib(name: str, deps: list[str], work: int = 0) -> dict[str, str]:
         )
     return {
         f"{name}.h": f"#pragma once\nint {ident}_value(void);\n",
-        f"{name}.c": f'{inc}#include "{name}.h"\n{extra}int {ident}_value(void) {{\n    int s = 1;\n{calls}    return s;\n}}\n',
-        "main.c": f'#include <stdio.h>\n#include "{name}.h"\nint main(void) {{ printf("{name} %d\\n", {ident}_value()); return 0; }}\n',
+        f"{name}.c": (
+            f'{inc}#include "{name}.h"\n{extra}'
+            f"int {ident}_value(void) {{\n    int s = 1;\n{calls}    return s;\n}}\n"
+        ),
+        "main.c": (
+            f'#include <stdio.h>\n#include "{name}.h"\n'
+            f'int main(void) {{ printf("{name} %d\\n", {ident}_value()); return 0; }}\n'
+        ),
     }
 
 
 def _libs(deps: list[str]) -> str:
-    return " ".join(f"-l{d}" for d in reversed(deps))
+    return "-Wl,--start-group " + " ".join(f"-l{d}" for d in deps) + " -Wl,--end-group" if deps else ""
 
 
-def make_style(name: str, deps: list[str], work: int = 0, units: int = 1) -> dict[str, str]:
+def make_style(name: str, deps: list[str], work: int = 0, units: int = 1,
+               link: list[str] | None = None) -> dict[str, str]:
+    """``link``: every library to link (a dependency's own dependencies too); default ``deps``."""
     files = c_lib(name, deps, work)
     objs = [f"{name}.o"]
     for u in range(1, units):
@@ -68,7 +76,7 @@ def make_style(name: str, deps: list[str], work: int = 0, units: int = 1) -> dic
         "CPPFLAGS += -I$(SYSROOT)/usr/include\nLDFLAGS += -L$(SYSROOT)/usr/lib\n"
         f"all: {name}\n"
         f"lib{name}.a: {' '.join(objs)}\n\t$(AR) rcs $@ $^\n"
-        f"{name}: main.o lib{name}.a\n\t$(CC) $(LDFLAGS) -o $@ main.o lib{name}.a {_libs(deps)}\n"
+        f"{name}: main.o lib{name}.a\n\t$(CC) $(LDFLAGS) -o $@ main.o lib{name}.a {_libs(link or deps)}\n"
         "install: all\n"
         "\tinstall -Dm755 " + name + " $(DESTDIR)$(PREFIX)/bin/" + name + "\n"
         "\tinstall -Dm644 lib" + name + ".a $(DESTDIR)$(PREFIX)/lib/lib" + name + ".a\n"
@@ -86,7 +94,8 @@ def autotools_style(name: str, deps: list[str]) -> dict[str, str]:
     files["configure"] = (
         "#!/bin/sh\nset -e\nprefix=/usr/local\n"
         'for a in "$@"; do case "$a" in --prefix=*) prefix="${a#--prefix=}";; --host=*) ;; '
-        '--enable-*|--disable-*|--with-*|--without-*) ;; *) echo "configure: unknown option $a" >&2; exit 1;; esac; done\n'
+        "--enable-*|--disable-*|--with-*|--without-*) ;; "
+        '*) echo "configure: unknown option $a" >&2; exit 1;; esac; done\n'
         'srcdir=$(cd "$(dirname "$0")" && pwd)\n'
         'echo "checking for a C compiler... ${CC:-cc}"\n'
         "cat > Makefile <<EOF\n"
@@ -179,12 +188,10 @@ def http_server(root: Path) -> Iterator[tuple[str, list[str]]]:
 
 
 def write_package(tree: Path, dist: Path, base_url: str, name: str, style: str, deps: list[str],
-                  *, version: str = "1.0", work: int = 0, units: int = 1, extra: str = "", marker: str = "") -> str:
+                  *, version: str = "1.0", work: int = 0, units: int = 1, extra: str = "", marker: str = "",
+                  link: list[str] | None = None) -> str:
     """Create the tarball (in ``dist``) and recipe (in ``tree``) of one synthetic package."""
-    if style == "make":
-        files = make_style(name, deps, work, units)
-    else:
-        files = STYLES[style](name, deps)
+    files = make_style(name, deps, work, units, link) if style == "make" else STYLES[style](name, deps)
     if marker:
         files["MARKER"] = marker
     modes = {"configure": 0o755}

@@ -41,9 +41,8 @@ def test_mismatch_reports_both_digests_and_leaves_nothing(tmp_path: Path) -> Non
     serve(tmp_path, "a.tar.gz", b"tampered")
     store = SourceStore(tmp_path / "store")
     want = hashlib.sha256(b"original").hexdigest()
-    with http_server(tmp_path / "www") as (url, _hits):
-        with pytest.raises(FetchError) as ei:
-            fetch_source(store, Source(url=f"{url}/a.tar.gz", sha256=want), [], where="pkg.toml: sources[0]")
+    with http_server(tmp_path / "www") as (url, _hits), pytest.raises(FetchError) as ei:
+        fetch_source(store, Source(url=f"{url}/a.tar.gz", sha256=want), [], where="pkg.toml: sources[0]")
     msg = str(ei.value)
     assert "sha256 mismatch" in msg and want in msg and hashlib.sha256(b"tampered").hexdigest() in msg
     assert msg.startswith("pkg.toml: sources[0]: ")
@@ -53,9 +52,9 @@ def test_mismatch_reports_both_digests_and_leaves_nothing(tmp_path: Path) -> Non
 def test_truncated_download_is_refused(tmp_path: Path) -> None:
     (tmp_path / "www").mkdir()
     store = SourceStore(tmp_path / "store")
-    with http_server(tmp_path / "www") as (url, _hits):
-        with pytest.raises(FetchError, match="truncated download: got 100 of 1000 bytes"):
-            fetch_source(store, Source(url=f"{url}/truncated/x.tar.gz", sha256="0" * 64), [])
+    with http_server(tmp_path / "www") as (url, _hits), \
+            pytest.raises(FetchError, match="truncated download: got 100 of 1000 bytes"):
+        fetch_source(store, Source(url=f"{url}/truncated/x.tar.gz", sha256="0" * 64), [])
     assert store_files(store) == []
 
 

@@ -82,7 +82,7 @@ def test_shell_not_allowed_in_standard_build_systems(tmp_path: Path) -> None:
 @pytest.mark.parametrize("where", ["top", "source", "build"])
 def test_patches_are_a_schema_error(tmp_path: Path, where: str) -> None:
     text = {
-        "top": GOOD.replace('homepage = "https://zlib.net/"', 'homepage = "https://zlib.net/"\npatches = ["fix.patch"]'),
+        "top": GOOD.replace('license = "Zlib"', 'license = "Zlib"\npatches = ["fix.patch"]'),
         "source": GOOD.replace('url = "https://zlib.net/', 'patches = ["a.diff"]\nurl = "https://zlib.net/'),
         "build": GOOD.replace('system = "autotools"', 'system = "autotools"\npatches = []'),
     }[where]

@@ -28,7 +28,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,7 @@ def content_digest(entries: list[dict[str, Any]]) -> str:
 class Output:
     key: str
     path: Path
+    reused: bool = field(default=False, compare=False)  # found in the cache, not built by this process
 
     @property
     def runtime(self) -> Path:

@@ -119,7 +119,7 @@ class LocalExecutor:
         with self.cache.lock(req.key):
             hit = self.cache.get(req.key)
             if hit is not None:  # built meanwhile by another hadron process
-                return hit
+                return Output(hit.key, hit.path, reused=True)
             tmp = self.cache.new_tmp(req.key)
             log_path = self.cache.log_path(req.name)
             log_path.parent.mkdir(parents=True, exist_ok=True)

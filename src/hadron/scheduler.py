@@ -186,8 +186,8 @@ class Scheduler:
                     on_phase=lambda p: rep.phase(n, p),
                 )
                 out = self.executor.build(req)
-                res = Result(n, "built", key, out, seconds=time.monotonic() - t0,
-                             log=str(out.log))
+                res = Result(n, "cached" if out.reused else "built", key, out,
+                             seconds=time.monotonic() - t0, log=str(out.log))
             except HadronError as e:
                 res = Result(n, "failed", key, error=str(e), seconds=time.monotonic() - t0,
                              log=str(self.planner.cache.log_path(n)))
@@ -249,7 +249,7 @@ class Scheduler:
                     summary.results[n] = res
                     if res.output is not None:
                         outputs[n] = res.output
-                        rep.finished(n, "built", f"in {res.seconds:.1f}s")
+                        rep.finished(n, res.status, f"in {res.seconds:.1f}s")
                     else:
                         rep.finished(n, "FAILED", f"(log: {res.log})")
                         if not self.settings.keep_going:
