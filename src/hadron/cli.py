@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 import click
 
-from hadron import __version__, sandbox
+from hadron import __version__, oci, qemu, sandbox
 from hadron.cache import tree_size
 from hadron.config import load_settings
 from hadron.context import Context
 from hadron.errors import HadronError, RecipeError
 from hadron.fetch import fetch_recipe
+from hadron.imagebuild import BuiltImage, build_image, image_packages
 from hadron.progress import Reporter
 from hadron.scheduler import Result, Scheduler, Summary
 
@@ -79,9 +80,17 @@ def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
     """Build TARGETS (default: every package) and what they need."""
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going)
     names = list(targets) or ctx.default_targets()
-    ctx.graph.check_targets(names)
-    summary = run_build(ctx, names, run_check=not no_check, quiet=as_json)
-    _report(summary, as_json)
+    image_names = [n for n in names if n in ctx.images]
+    packages = [n for n in names if n not in ctx.images]
+    for img in image_names:
+        packages += [p for p in image_packages(ctx, ctx.images[img]) if p not in packages]
+    ctx.graph.check_targets(packages)
+    summary = run_build(ctx, packages, run_check=not no_check, quiet=as_json)
+    built: list[BuiltImage] = []
+    if summary.ok:
+        outputs = {n: r.output for n, r in summary.results.items() if r.output is not None}
+        built = [build_image(ctx, img, outputs, quiet=as_json) for img in image_names]
+    _report(summary, as_json, built)
     sys.exit(0 if summary.ok else 1)
 
 
@@ -99,11 +108,13 @@ def run_build(ctx: Context, names: list[str], *, run_check: bool = True, quiet: 
     return sched.run(names, run_check=run_check)
 
 
-def _report(summary: Summary, as_json: bool) -> None:
+def _report(summary: Summary, as_json: bool, images: list[BuiltImage] | None = None) -> None:
+    images = images or []
     if as_json:
         click.echo(json.dumps({
             "ok": summary.ok,
             "seconds": round(summary.seconds, 3),
+            "images": {i.name: {"path": str(i.path), "key": i.key, "cached": i.cached, **i.record} for i in images},
             "packages": {
                 n: {"status": r.status, "key": r.key, "log": r.log, "error": r.error,
                     "output": str(r.output.path) if r.output else None}
@@ -115,6 +126,12 @@ def _report(summary: Summary, as_json: bool) -> None:
     click.echo(f"{len(summary.results)} packages: {counts} ({summary.seconds:.1f}s)", err=True)
     for r in summary.failed:
         click.echo(f"FAILED {r.name}: {r.error}\n  log: {r.log}", err=True)
+    for i in images:
+        rec = i.record
+        click.echo(f"image {i.name} {rec['version']}{' (cached)' if i.cached else ''}: {i.path}\n"
+                   f"  rootfs {rec['rootfs_bytes'] / 1e6:.1f} MB, OCI layer {rec['oci']['layer_size'] / 1e6:.1f} MB "
+                   f"compressed, manifest {rec['oci']['manifest']}\n"
+                   f"  OCI layout: {i.oci}\n  docker archive: {i.docker_archive}", err=True)
 
 
 @main.command()
@@ -258,3 +275,67 @@ def cache_gc(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path |
     else:
         click.echo(f"removed {count} entr{'y' if count == 1 else 'ies'}, freed {freed / 1e6:.1f} MB "
                    f"of {before / 1e6:.1f} MB; kept {len(keep)} outputs", err=True)
+
+
+def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
+    img = name or ctx.settings.default_image
+    if not img or img not in ctx.images:
+        raise HadronError(f"unknown image {img!r}", hint="images: " + (", ".join(sorted(ctx.images)) or "(none)"))
+    packages = image_packages(ctx, ctx.images[img])
+    summary = run_build(ctx, packages, quiet=quiet)
+    if not summary.ok:
+        _report(summary, False)
+        raise HadronError(f"image {img}: packages failed to build")
+    outputs = {n: r.output for n, r in summary.results.items() if r.output is not None}
+    return build_image(ctx, img, outputs, quiet=quiet)
+
+
+@main.command()
+@click.argument("image", required=False)
+@_common
+@click.option("--check", is_flag=True,
+              help="Non-interactive: report the state after multi-user.target, then power off; exit 1 unless "
+                   "the system is running with zero failed units.")
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait with --check.")
+@click.option("--append", default="", help="Extra kernel command line.")
+@_guard
+def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+         as_json: bool, check: bool, timeout: float, append: str) -> None:
+    """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    built = _built_image(ctx, image, quiet=as_json)
+    if not built.kernel.exists():
+        raise HadronError(f"image {built.name} has no kernel (/boot/vmlinuz)",
+                          hint=f"set `kernel = ...` in {ctx.images[built.name].path}")
+    disk = built.path / ("check.ext4" if check else "disk.ext4")
+    if check or not disk.exists():
+        qemu.make_disk(built.rootfs, disk, check=check)
+    if not check:
+        sys.exit(qemu.interactive(built.kernel, disk, append))
+    res = qemu.boot(built.kernel, disk, timeout=timeout, echo=not as_json, append=append)
+    disk.unlink()
+    info = {"image": built.name, "state": res.state, "failed_units": res.failed, "ok": res.ok,
+            "seconds_to_multi_user": res.seconds_to_check, "seconds_total": round(res.seconds_total, 1)}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        t = f"{res.seconds_to_check:.1f}s" if res.seconds_to_check else "never"
+        click.echo(f"\nboot check: state={res.state} failed={res.failed or 'none'}; "
+                   f"multi-user.target reached after {t} (QEMU start to report)", err=True)
+    sys.exit(0 if res.ok else 1)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--image", "image", default=None, help="Image to push (default: the default image).")
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_common
+@_guard
+def push(ref: str, image: str | None, tls_verify: bool, recipes: tuple[Path, ...], toolchain: str | None,
+         cache_dir: Path | None, as_json: bool) -> None:
+    """Push the image to an OCI registry as REF (e.g. registry.example/hadron/core:0.1)."""
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    built = _built_image(ctx, image, quiet=as_json)
+    oci.push(built.oci, built.record["version"], ref, tls_verify=tls_verify)
+    click.echo(json.dumps({"pushed": ref, "manifest": built.record["oci"]["manifest"]}) if as_json
+               else f"pushed {built.name} to {ref} ({built.record['oci']['manifest']})")

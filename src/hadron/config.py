@@ -68,6 +68,7 @@ class FileConfig(BaseModel):
         model_config = ConfigDict(extra="forbid")
         toolchain: str = "native"
         arch: str = "x86_64"
+        default_image: str | None = None
         source_date_epoch: int = 1735689600  # 2025-01-01T00:00:00Z
 
     cache_dir: str | None = None
@@ -90,6 +91,7 @@ class Settings:
     arch: str = "x86_64"
     source_date_epoch: int = 1735689600
     extra_path: tuple[str, ...] = field(default_factory=tuple)
+    default_image: str | None = None
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -159,6 +161,7 @@ def load_settings(
         arch=fc.build.arch,
         source_date_epoch=fc.build.source_date_epoch,
         extra_path=tuple(fc.build_env.path),
+        default_image=fc.build.default_image,
     )
 
 

@@ -7,9 +7,11 @@ from functools import cached_property
 
 from hadron.cache import Cache
 from hadron.config import Settings
+from hadron.errors import HadronError
 from hadron.executor import LocalExecutor
 from hadron.fetch import SourceStore
 from hadron.graph import Graph
+from hadron.image import LoadedImage, image_files, load_image
 from hadron.jobs import JobServer
 from hadron.mirrors import MirrorProvider, make_providers
 from hadron.recipe import LoadedRecipe, load_recipes
@@ -59,5 +61,20 @@ class Context:
     def executor(self) -> LocalExecutor:
         return LocalExecutor(self.cache, self.jobserver)
 
+    @cached_property
+    def images(self) -> dict[str, LoadedImage]:
+        found = image_files(self.settings.project / "distro" / "images")
+        images = {n: load_image(p) for n, p in found.items()}
+        for n, img in images.items():
+            if img.name != n:
+                raise HadronError(f"{img.path}: name: {img.name!r} does not match the file name {n!r}")
+            if n in self.recipes:
+                raise HadronError(f"{img.path}: image {n!r} has the name of a package; rename one of them")
+        return images
+
     def default_targets(self) -> list[str]:
+        """`hadron build` without targets: the default image if the tree defines one, else every package."""
+        d = self.settings.default_image
+        if d and d in self.images:
+            return [d]
         return sorted(self.recipes)

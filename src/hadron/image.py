@@ -1,0 +1,390 @@
+"""Image assembly: packages' runtime outputs → a root filesystem → OCI image and docker archive.
+
+An image is data: ``distro/images/<name>.toml`` (or ``<name>/image.toml`` with a ``files/`` tree
+copied over the root filesystem). Assembly is a flat list of small steps, each logged with its time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hadron import BUILD_LOGIC_VERSION, __version__, oci, sandbox
+from hadron.cache import Output, remove_tree
+from hadron.errors import HadronError
+
+USR_MERGED = ("bin", "sbin", "lib", "lib64")
+
+
+class ImageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    summary: str
+    version: str = Field(pattern=r"^[A-Za-z0-9._~+-]+$")
+    packages: list[str] = Field(min_length=1)
+    kernel: str | None = Field(default=None, description="package providing /boot/vmlinuz-* and modules")
+    sysext_level: str = "1"
+    os_release: dict[str, str] = Field(default_factory=dict)
+    setuid_allowed: list[str] = Field(default_factory=list, description="paths allowed to be setuid/setgid")
+    cmd: list[str] = Field(default_factory=lambda: ["/bin/sh"])
+    strip: bool = True
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    spec: ImageSpec
+    path: Path
+    files: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps(self.spec.model_dump(mode="json"), sort_keys=True).encode())
+        if self.files is not None:
+            for p in sorted(self.files.rglob("*")):
+                rel = p.relative_to(self.files).as_posix()
+                if p.is_symlink():
+                    h.update(f"L {rel} {os.readlink(p)}\0".encode())
+                elif p.is_file():
+                    h.update(f"F {rel} {oct(p.stat().st_mode & 0o7777)} ".encode() + p.read_bytes() + b"\0")
+                elif p.is_dir():
+                    h.update(f"D {rel}\0".encode())
+        return h.hexdigest()
+
+
+def image_files(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    if not directory.is_dir():
+        return found
+    for p in sorted(directory.iterdir()):
+        if p.is_file() and p.suffix == ".toml":
+            found[p.stem] = p
+        elif p.is_dir() and (p / "image.toml").is_file():
+            found[p.name] = p / "image.toml"
+    return found
+
+
+def load_image(path: Path) -> LoadedImage:
+    try:
+        data = tomllib.loads(path.read_text())
+        spec = ImageSpec.model_validate(data)
+    except tomllib.TOMLDecodeError as e:
+        raise HadronError(f"{path}: (syntax): {e}") from None
+    except ValidationError as e:
+        lines = [f"{path}: {'.'.join(map(str, er['loc'])) or '(image)'}: {er['msg']}" for er in e.errors()]
+        raise HadronError("invalid image definition:\n  " + "\n  ".join(lines)) from None
+    files = path.parent / "files" if path.name == "image.toml" and (path.parent / "files").is_dir() else None
+    return LoadedImage(spec, path, files)
+
+
+@dataclass
+class ImageBuild:
+    """The mutable state of one image assembly."""
+
+    image: LoadedImage
+    outputs: dict[str, Output]  # every package in the image, by name
+    versions: dict[str, dict[str, Any]]  # name → {version, license, sources}
+    work: Path
+    epoch: int
+    arch: str
+    kernel_release: str | None = None
+    log: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rootfs(self) -> Path:
+        return self.work / "rootfs"
+
+    def note(self, text: str) -> None:
+        self.log.append(text)
+
+
+Step = Callable[[ImageBuild], None]
+
+
+def copy_outputs(b: ImageBuild) -> None:
+    """Runtime outputs only, in dependency order; a path may come from one package only."""
+    owner: dict[str, str] = {}
+    b.rootfs.mkdir(parents=True)
+    for name, out in b.outputs.items():
+        for dirpath, dirnames, filenames in os.walk(out.runtime):
+            base = Path(dirpath)
+            rel_base = base.relative_to(out.runtime)
+            for d in list(dirnames):
+                src = base / d
+                if src.is_symlink():
+                    filenames.append(d)
+                    dirnames.remove(d)
+                    continue
+                dst = b.rootfs / rel_base / d
+                if not dst.exists():
+                    dst.mkdir()
+                    dst.chmod(stat.S_IMODE(src.stat().st_mode))
+            for f in filenames:
+                src = base / f
+                rel = (rel_base / f).as_posix()
+                dst = b.rootfs / rel
+                if dst.exists() or dst.is_symlink():
+                    raise HadronError(
+                        f"image {b.image.name}: /{rel} is installed by both {owner.get(rel, '?')} and {name}",
+                        hint="a path may belong to one package only; drop it from one package's outputs",
+                    )
+                if src.is_symlink():
+                    dst.symlink_to(os.readlink(src))
+                else:
+                    shutil.copy2(src, dst)
+                owner[rel] = name
+
+
+def merge_usr(b: ImageBuild) -> None:
+    """usrmerge: /bin, /sbin, /lib (and /lib64 if used) become links into /usr; content moves there."""
+    r = b.rootfs
+    for d in USR_MERGED:
+        top, target = r / d, r / "usr" / d
+        if top.is_dir() and not top.is_symlink():
+            target.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(top.iterdir()):
+                dst = target / entry.name
+                if dst.exists() or dst.is_symlink():
+                    raise HadronError(f"usrmerge: /{d}/{entry.name} and /usr/{d}/{entry.name} both exist",
+                                      hint="install the file under /usr only (e.g. configure --prefix=/usr)")
+                os.replace(entry, dst)
+            top.rmdir()
+        if d != "lib64" or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            if not top.is_symlink():
+                top.symlink_to(f"usr/{d}")
+
+
+def _is_strippable_elf(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+            f.seek(0)
+            return ELFFile(f).header["e_type"] in ("ET_EXEC", "ET_DYN")
+    except (ELFError, OSError):
+        return False
+
+
+def strip_binaries(b: ImageBuild) -> None:
+    if not b.image.spec.strip:
+        return
+    strip = shutil.which("strip")
+    if strip is None:
+        raise HadronError("`strip` (binutils) is not installed", hint="apt-get install binutils")
+    files = []
+    for dirpath, _dirs, filenames in os.walk(b.rootfs):
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not p.is_symlink() and p.suffix != ".ko" and _is_strippable_elf(p):
+                files.append(p)
+    before = sum(p.stat().st_size for p in files)
+    for i in range(0, len(files), 200):
+        chunk = files[i : i + 200]
+        modes = {p: p.stat().st_mode for p in chunk}
+        for p in chunk:
+            p.chmod(modes[p] | stat.S_IWUSR)
+        res = subprocess.run([strip, "--strip-unneeded", "--preserve-dates", *map(str, chunk)],
+                             capture_output=True, text=True)
+        for p in chunk:
+            p.chmod(stat.S_IMODE(modes[p]))
+        if res.returncode != 0:
+            raise HadronError(f"strip failed: {res.stderr.strip()}")
+    after = sum(p.stat().st_size for p in files)
+    b.note(f"stripped {len(files)} ELF files: {before / 1e6:.1f} MB → {after / 1e6:.1f} MB")
+
+
+def install_files(b: ImageBuild) -> None:
+    if b.image.files is None:
+        return
+    shutil.copytree(b.image.files, b.rootfs, symlinks=True, dirs_exist_ok=True)
+
+
+def write_os_release(b: ImageBuild) -> None:
+    s = b.image.spec
+    fields = {
+        "NAME": "Hadron",
+        "ID": "hadron",
+        "PRETTY_NAME": f"Hadron {s.version}",
+        "VERSION": s.version,
+        "VERSION_ID": s.version,
+        "IMAGE_ID": s.name,
+        "IMAGE_VERSION": s.version,
+        "SYSEXT_LEVEL": s.sysext_level,
+        "HOME_URL": "https://github.com/hadron-linux/hadron",
+        **s.os_release,
+    }
+    lib = b.rootfs / "usr" / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{k}={_quote(v)}\n" for k, v in fields.items())
+    (lib / "os-release").write_text(text)
+    etc = b.rootfs / "etc"
+    etc.mkdir(exist_ok=True)
+    link = etc / "os-release"
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to("../usr/lib/os-release")
+
+
+def _quote(v: str) -> str:
+    return v if v.replace("_", "").replace(".", "").replace("-", "").isalnum() else json.dumps(v)
+
+
+def install_kernel(b: ImageBuild) -> None:
+    boot = b.rootfs / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*")) if boot.is_dir() else []
+    if b.image.spec.kernel is None:
+        return
+    if not kernels:
+        raise HadronError(f"image {b.image.name}: kernel package {b.image.spec.kernel} installed no /boot/vmlinuz-*")
+    release = kernels[-1].name.removeprefix("vmlinuz-")
+    link = boot / "vmlinuz"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(kernels[-1].name)
+    if not (b.rootfs / "usr" / "lib" / "modules" / release).is_dir():
+        b.note(f"kernel {release} has no modules directory")
+    b.kernel_release = release
+
+
+def write_component_manifest(b: ImageBuild) -> None:
+    d = b.rootfs / "usr" / "share" / "hadron"
+    d.mkdir(parents=True, exist_ok=True)
+    comps = [{"name": n, **b.versions[n], "output": b.outputs[n].digest()} for n in sorted(b.outputs)]
+    doc = {"image": b.image.name, "version": b.image.spec.version, "hadron": __version__, "components": comps}
+    (d / "components.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def configure_system(b: ImageBuild) -> None:
+    """Users and groups (systemd-sysusers) and unit presets, run with the image's own tools in a
+    sandbox whose root is the image. machine-id is left for first boot."""
+    r = b.rootfs
+    etc = r / "etc"
+    etc.mkdir(exist_ok=True)
+    cmds = []
+    if (r / "usr/bin/systemd-sysusers").exists():
+        cmds.append("systemd-sysusers")
+    if (r / "usr/bin/systemctl").exists():
+        cmds.append("systemctl preset-all")
+    if (r / "usr/bin/journalctl").exists():
+        cmds.append("journalctl --update-catalog || true")
+    mid = etc / "machine-id"
+    with contextlib.suppress(FileNotFoundError):
+        mid.unlink()
+    if not cmds:
+        return
+    script = "set -e\n" + "\n".join(cmds)
+    argv = [
+        sandbox.bwrap_path() or "bwrap", "--unshare-all", "--die-with-parent", "--bind", str(r), "/",
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run", "--clearenv",
+        "--setenv", "PATH", "/usr/bin", "--setenv", "SYSTEMD_OFFLINE", "1", "--", "/bin/sh", "-c", script,
+    ]
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HadronError(f"configuring the image failed ({' && '.join(cmds)}):\n{res.stderr.strip()[-3000:]}")
+    b.note(res.stderr.strip()[-2000:])
+    # First boot: an empty machine-id tells systemd to generate one (and run presets again).
+    mid.write_text("")
+    mid.chmod(0o444)
+
+
+def check_setuid(b: ImageBuild) -> None:
+    allowed = set(b.image.spec.setuid_allowed)
+    bad = []
+    for dirpath, _dirs, files in os.walk(b.rootfs):
+        for f in files:
+            p = Path(dirpath) / f
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                rel = p.relative_to(b.rootfs).as_posix()
+                if rel not in allowed:
+                    bad.append(f"/{rel} ({oct(stat.S_IMODE(st.st_mode))})")
+    if bad:
+        raise HadronError(
+            f"image {b.image.name}: setuid/setgid files not in the allow-list:\n  " + "\n  ".join(bad),
+            hint=f"remove the bit in the package's recipe, or list the path in setuid_allowed ({b.image.path})",
+        )
+
+
+def write_oci(b: ImageBuild) -> None:
+    labels = {
+        "org.opencontainers.image.title": f"hadron-{b.image.name}",
+        "org.opencontainers.image.version": b.image.spec.version,
+        "org.opencontainers.image.description": b.image.spec.summary,
+    }
+    info = oci.write_layout(b.rootfs, b.work / "oci", tag=b.image.spec.version, epoch=b.epoch, arch=b.arch,
+                            labels=labels, cmd=b.image.spec.cmd)
+    oci.write_docker_archive(b.work / "oci", b.image.spec.version, b.work / "docker-archive.tar",
+                             f"hadron/{b.image.name}:{b.image.spec.version}")
+    b.summary["oci"] = info
+
+
+STEPS: list[Step] = [
+    copy_outputs,
+    merge_usr,
+    install_kernel,
+    strip_binaries,
+    install_files,
+    write_os_release,
+    write_component_manifest,
+    configure_system,
+    check_setuid,
+    write_oci,
+]
+
+
+def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, arch: str, epoch: int) -> str:
+    doc = {
+        "logic": BUILD_LOGIC_VERSION,
+        "image": image.digest(),
+        "outputs": {n: o.digest() for n, o in sorted(outputs.items())},
+        "toolchain": toolchain,
+        "arch": arch,
+        "epoch": epoch,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def assemble(b: ImageBuild, final: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run every step in ``b.work`` and move the result to ``final`` atomically."""
+    timings: dict[str, float] = {}
+    for step in STEPS:
+        progress(step.__name__)
+        t0 = time.monotonic()
+        step(b)
+        timings[step.__name__] = round(time.monotonic() - t0, 3)
+    size = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(b.rootfs) for f in fs)
+    record = {
+        "image": b.image.name,
+        "version": b.image.spec.version,
+        "kernel_release": b.kernel_release,
+        "rootfs_bytes": size,
+        "timings": timings,
+        "notes": b.log,
+        **b.summary,
+    }
+    (b.work / "image.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        remove_tree(final)
+    os.rename(b.work, final)
+    return record

@@ -1,0 +1,203 @@
+"""OCI image layout and docker archive from a root filesystem, reproducibly.
+
+The single layer is a PAX tar with entries sorted by path, mtimes clamped to SOURCE_DATE_EPOCH,
+uid/gid 0 and no user or group names, compressed with Python's zlib (gzip, level 6, mtime 0):
+the same rootfs gives the same digests on every machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hadron.errors import HadronError
+
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+GZIP_LEVEL = 6
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
+
+
+def _clamp(mtime: float, epoch: int) -> int:
+    return min(int(mtime), epoch)
+
+
+def write_layer_tar(rootfs: Path, out: io.BufferedIOBase | Any, epoch: int) -> None:
+    """Write ``rootfs`` as a reproducible tar stream to ``out``."""
+    seen_inodes: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        paths: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(rootfs):
+            dirnames.sort()
+            base = Path(dirpath)
+            paths += [base / d for d in dirnames]
+            paths += [base / f for f in filenames]
+        for p in sorted(paths, key=lambda x: x.relative_to(rootfs).as_posix()):
+            rel = p.relative_to(rootfs).as_posix()
+            st = p.lstat()
+            ti = tarfile.TarInfo(rel)
+            ti.mode = stat.S_IMODE(st.st_mode)
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            ti.mtime = _clamp(st.st_mtime, epoch)
+            if stat.S_ISDIR(st.st_mode):
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            elif stat.S_ISLNK(st.st_mode):
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = os.readlink(p)
+                tf.addfile(ti)
+            elif stat.S_ISREG(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and ident in seen_inodes:
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = seen_inodes[ident]
+                    tf.addfile(ti)
+                    continue
+                seen_inodes[ident] = rel
+                ti.size = st.st_size
+                with p.open("rb") as f:
+                    tf.addfile(ti, f)
+            else:
+                raise HadronError(f"{p}: device nodes, fifos and sockets do not belong in an image")
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.h.update(data)
+        self.size += len(data)
+        self.target.write(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str  # sha256:...
+    size: int
+
+
+def _put_blob(layout: Path, data: bytes) -> Blob:
+    d = hashlib.sha256(data).hexdigest()
+    p = layout / "blobs" / "sha256" / d
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return Blob(f"sha256:{d}", len(data))
+
+
+def write_layout(
+    rootfs: Path,
+    layout: Path,
+    *,
+    tag: str,
+    epoch: int,
+    arch: str = "x86_64",
+    labels: dict[str, str] | None = None,
+    cmd: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write an OCI image layout with one layer; return a summary (digests and sizes)."""
+    if layout.exists():
+        shutil.rmtree(layout)
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    tmp = layout / "blobs" / "layer.tmp"
+    with tmp.open("wb") as raw:
+        compressed = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=GZIP_LEVEL, mtime=0, filename="") as gz:
+            uncompressed = _HashingWriter(gz)
+            write_layer_tar(rootfs, uncompressed, epoch)
+    layer = Blob(f"sha256:{compressed.h.hexdigest()}", compressed.size)
+    os.replace(tmp, layout / "blobs" / "sha256" / compressed.h.hexdigest())
+    diff_id = f"sha256:{uncompressed.h.hexdigest()}"
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    config = {
+        "created": created,
+        "architecture": GOARCH.get(arch, arch),
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": cmd or ["/bin/sh"],
+            "Labels": labels or {},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": "hadron image assembly"}],
+    }
+    cfg = _put_blob(layout, _canonical(config))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": cfg.digest, "size": cfg.size},
+        "layers": [{"mediaType": MEDIA_LAYER, "digest": layer.digest, "size": layer.size}],
+        "annotations": {"org.opencontainers.image.created": created, **(labels or {})},
+    }
+    man = _put_blob(layout, _canonical(manifest))
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_INDEX,
+        "manifests": [
+            {
+                "mediaType": MEDIA_MANIFEST,
+                "digest": man.digest,
+                "size": man.size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+                "platform": {"architecture": GOARCH.get(arch, arch), "os": "linux"},
+            }
+        ],
+    }
+    (layout / "index.json").write_bytes(_canonical(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    return {
+        "manifest": man.digest,
+        "config": cfg.digest,
+        "layer": layer.digest,
+        "layer_size": layer.size,
+        "diff_id": diff_id,
+        "uncompressed_size": uncompressed.size,
+    }
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise HadronError("skopeo is not installed; it writes docker archives and pushes images",
+                          hint="apt-get install skopeo")
+    res = subprocess.run([exe, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HadronError(f"skopeo {' '.join(args)} failed:\n{res.stderr.strip()}")
+    return res
+
+
+def write_docker_archive(layout: Path, tag: str, archive: Path, ref: str) -> None:
+    """A `docker load`-able archive of the layout's image, written by skopeo."""
+    if archive.exists():
+        archive.unlink()
+    skopeo("copy", "--quiet", f"oci:{layout}:{tag}", f"docker-archive:{archive}:{ref}")
+
+
+def push(layout: Path, tag: str, ref: str, *, tls_verify: bool = True) -> None:
+    dest = ref if "://" in ref else f"docker://{ref}"
+    skopeo("copy", "--quiet", f"--dest-tls-verify={'true' if tls_verify else 'false'}", f"oci:{layout}:{tag}", dest)

@@ -1,0 +1,190 @@
+"""Image assembly and OCI output, checked with real tools: skopeo, umoci, a registry, docker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Project
+from synth import make_tarball
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from hadron"); return 0; }\n'
+
+
+def add_static_hello(p: Project, name: str = "hello", setuid: bool = False) -> None:
+    digest = make_tarball(p.dist / f"{name}-1.tar.gz", f"{name}-1", {"hello.c": HELLO_C})
+    install = (
+        'install -Dm755 hello "$DESTDIR/usr/bin/hello"\nmkdir -p "$DESTDIR/bin"\n'
+        'ln -s ../usr/bin/hello "$DESTDIR/bin/hi"'
+    )
+    if setuid:
+        install += '\nchmod 4755 "$DESTDIR/usr/bin/hello"'
+    (p.packages / f"{name}.toml").write_text(
+        f'name = "{name}"\nversion = "1"\nsummary = "static hello"\nlicense = "MIT"\n'
+        f'homepage = "https://example.org"\n[[sources]]\nurl = "{p.url}/{name}-1.tar.gz"\nsha256 = "{digest}"\n'
+        f'[build]\nsystem = "custom"\nbuild = "cc -O2 -g -static -o hello /src/hello.c"\n'
+        f"install = '''\n{install}\n'''\n[depends]\ntoolchain = false\n"
+    )
+
+
+def add_image(p: Project, name: str, packages: list[str], extra: str = "") -> None:
+    images = p.root / "distro" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pk = ", ".join(f'"{x}"' for x in packages)
+    (images / f"{name}.toml").write_text(
+        f'name = "{name}"\nsummary = "test image"\nversion = "0.1"\npackages = [{pk}]\n'
+        f'cmd = ["/usr/bin/hello"]\n{extra}'
+    )
+
+
+def build_image(p: Project, name: str) -> dict[str, object]:
+    res = p.hadron("build", name, "--json", check=True)
+    data = json.loads(res.stdout)["images"][name]
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture
+def mini(project: Project) -> Project:
+    add_static_hello(project)
+    add_image(project, "mini", ["hello"])
+    return project
+
+
+def test_image_layout_rootfs_and_oci(mini: Project, tmp_path: Path) -> None:
+    info = build_image(mini, "mini")
+    path = Path(str(info["path"]))
+    rootfs = path / "rootfs"
+    # usrmerge, os-release, component manifest, stripped binaries.
+    assert os.readlink(rootfs / "bin") == "usr/bin" and os.readlink(rootfs / "lib") == "usr/lib"
+    assert (rootfs / "usr/bin/hi").is_symlink()
+    osr = (rootfs / "usr/lib/os-release").read_text()
+    assert "ID=hadron\n" in osr and "VERSION_ID=0.1\n" in osr and "SYSEXT_LEVEL=1\n" in osr
+    comps = json.loads((rootfs / "usr/share/hadron/components.json").read_text())["components"]
+    assert comps[0]["name"] == "hello" and comps[0]["license"] == "MIT"
+    assert len(comps[0]["sources"][0]["sha256"]) == 64
+    assert b".debug_info" not in (rootfs / "usr/bin/hello").read_bytes()
+    assert not (rootfs / "etc/machine-id").exists() or (rootfs / "etc/machine-id").read_text() == ""
+    # skopeo reads the layout; umoci unpacks it.
+    oci = path / "oci"
+    res = subprocess.run(["skopeo", "inspect", f"oci:{oci}:0.1"], capture_output=True, text=True, check=True)
+    meta = json.loads(res.stdout)
+    assert meta["Architecture"] == "amd64" and meta["Os"] == "linux" and len(meta["Layers"]) == 1
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{oci}:0.1", str(bundle)], check=True, capture_output=True)
+    out = subprocess.run([str(bundle / "rootfs/usr/bin/hello")], capture_output=True, text=True)
+    assert out.stdout == "hello from hadron\n"
+    # The docker archive holds the same layer, uncompressed (its digest is the layer's diff_id).
+    res = subprocess.run(["skopeo", "inspect", f"docker-archive:{path / 'docker-archive.tar'}"],
+                         capture_output=True, text=True, check=True)
+    oci_info = info["oci"]
+    assert isinstance(oci_info, dict)
+    assert json.loads(res.stdout)["Layers"] == [oci_info["diff_id"]]
+
+
+def test_layer_is_reproducible_sorted_clamped_rootowned(mini: Project, tmp_path: Path) -> None:
+    first = build_image(mini, "mini")
+    # A second cache: everything is rebuilt from scratch, digests are identical.
+    other = Project(mini.root, tmp_path / "cache2", mini.url, mini.hits)
+    second = build_image(other, "mini")
+    assert first["path"] != second["path"]
+    assert first["oci"] == second["oci"]
+    layout = Path(str(first["path"])) / "oci"
+    oci_info = first["oci"]
+    assert isinstance(oci_info, dict)
+    layer = layout / "blobs/sha256" / str(oci_info["layer"]).removeprefix("sha256:")
+    assert hashlib.sha256(layer.read_bytes()).hexdigest() == str(oci_info["layer"]).removeprefix("sha256:")
+    with tarfile.open(layer) as tf:
+        members = tf.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names)
+    epoch = 1735689600
+    assert all(m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == "" for m in members)
+    assert all(m.mtime <= epoch for m in members)
+
+
+def test_setuid_outside_the_allow_list_is_refused(project: Project) -> None:
+    add_static_hello(project, "suid", setuid=True)
+    add_image(project, "bad", ["suid"])
+    res = project.hadron("build", "bad")
+    assert res.returncode == 1
+    assert "setuid/setgid files not in the allow-list" in res.stderr and "/usr/bin/hello (0o4755)" in res.stderr
+    add_image(project, "good", ["suid"], 'setuid_allowed = ["usr/bin/hello"]\n')
+    assert project.hadron("build", "good").returncode == 0
+
+
+def test_image_is_cached(mini: Project) -> None:
+    first = build_image(mini, "mini")
+    again = build_image(mini, "mini")
+    assert again["cached"] is True and again["key"] == first["key"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
+    port = _free_port()
+    cfg = tmp_path / "registry.yml"
+    cfg.write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(tmp_path / "registry") + "\n"
+        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
+    )
+    proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait()
+
+
+def test_push_to_registry_and_read_back(mini: Project, registry: str) -> None:
+    info = build_image(mini, "mini")
+    ref = f"{registry}/hadron/mini:0.1"
+    res = mini.hadron("push", ref, "--image", "mini", "--no-tls-verify", "--json", check=True)
+    assert json.loads(res.stdout)["pushed"] == ref
+    res = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
+                         capture_output=True, text=True, check=True)
+    oci_info = info["oci"]
+    assert isinstance(oci_info, dict)
+    assert json.loads(res.stdout)["Layers"] == [oci_info["layer"]]
+
+
+def _docker_ok() -> bool:
+    docker = shutil.which("docker", path="/usr/bin") or shutil.which("docker")
+    if docker is None:
+        return False
+    return subprocess.run([docker, "info"], capture_output=True).returncode == 0
+
+
+def test_docker_load_and_run(mini: Project) -> None:
+    if not _docker_ok():
+        pytest.skip("no docker daemon reachable (CI starts dockerd)")
+    info = build_image(mini, "mini")
+    archive = Path(str(info["path"])) / "docker-archive.tar"
+    docker = shutil.which("docker", path="/usr/bin") or "docker"
+    subprocess.run([docker, "load", "-i", str(archive)], check=True, capture_output=True)
+    res = subprocess.run([docker, "run", "--rm", "--network=none", "hadron/mini:0.1"], capture_output=True, text=True)
+    assert res.stdout == "hello from hadron\n", res.stderr
