@@ -101,7 +101,7 @@ def phases(recipe: Recipe, *, check: bool = True) -> list[Phase]:
     elif isinstance(b, KbuildBuild):
         frags = " ".join(shlex.quote(f"/recipe/{f}") for f in b.fragments)
         kmake = f'make -C "$SRCDIR" O={BUILD_DIR} {q(b.make_args)}'
-        configure = f"{kmake} {shlex.quote(b.base_config)}"
+        configure = f"{kmake} {q(b.base_config.split())}"
         if frags:
             configure += (
                 f'\n"$SRCDIR/scripts/kconfig/merge_config.sh" -m -O {BUILD_DIR} {BUILD_DIR}/.config {frags}'

@@ -148,7 +148,9 @@ class MakeBuild(_BuildBase):
 
 class KbuildBuild(_BuildBase):
     system: Literal["kbuild"]
-    base_config: str = Field(description="upstream make target for the base config, e.g. defconfig")
+    base_config: str = Field(
+        description="upstream make target(s) for the base config, e.g. `defconfig` or `tinyconfig kvm_guest.config`"
+    )
     fragments: list[str] = Field(default_factory=list, description="config fragments in the recipe folder")
     targets: Args = Field(default_factory=lambda: ["all"])
     make_args: Args = Field(default_factory=list)

@@ -173,6 +173,10 @@ class Scheduler:
                 fetched = fetch_recipe(
                     self.store, lr, self.mirrors, offline=self.settings.offline, upstream=self.settings.upstream
                 )
+                # The planned key assumed the upstream digest for sources not yet in the store; the
+                # file actually fetched (e.g. a mirror's repack) decides the key the output is stored
+                # under, the one every later run computes.
+                key = self.planner.key(n, outputs)
                 req = BuildRequest(
                     recipe=lr,
                     key=key,
