@@ -316,6 +316,8 @@ def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, ca
     disk.unlink()
     info = {"image": built.name, "state": res.state, "failed_units": res.failed, "ok": res.ok,
             "seconds_to_multi_user": res.seconds_to_check, "seconds_total": round(res.seconds_total, 1)}
+    if not res.ok:
+        info["console_tail"] = res.console[-8000:]
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
