@@ -173,7 +173,14 @@ def graph(target: str | None, recipes: tuple[Path, ...], toolchain: str | None, 
     """Show the dependency tree of TARGET (default: every package)."""
     ctx = _ctx(recipes, toolchain, cache_dir)
     g = ctx.graph
-    targets = [target] if target else ctx.default_targets()
+    targets = [target] if target else sorted(ctx.recipes)
+    if target in ctx.images:
+        targets = image_packages(ctx, ctx.images[target])
+        if not dot and not as_json:
+            click.echo(f"{target} (image: {', '.join(targets)})")
+            for t in ctx.images[target].spec.packages + [k for k in [ctx.images[target].spec.kernel] if k]:
+                click.echo(g.tree(t))
+            return
     if dot:
         click.echo(g.dot(targets))
     elif as_json:

@@ -37,7 +37,8 @@ class Toolchain:
     host_tools: tuple[str, ...] = ()
 
     def step_env(self) -> dict[str, str]:
-        out = {"HADRON_CONFIGURE_HOST": "", "HADRON_MESON_ARGS": "", "HADRON_CMAKE_ARGS": ""}
+        # HADRON_RUN: a command prefix that runs a target program on the build machine (checks).
+        out = {"HADRON_CONFIGURE_HOST": "", "HADRON_MESON_ARGS": "", "HADRON_CMAKE_ARGS": "", "HADRON_RUN": ""}
         out.update(self.env)
         return out
 
