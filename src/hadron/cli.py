@@ -81,9 +81,7 @@ def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going)
     names = list(targets) or ctx.default_targets()
     image_names = [n for n in names if n in ctx.images]
-    packages = [n for n in names if n not in ctx.images]
-    for img in image_names:
-        packages += [p for p in image_packages(ctx, ctx.images[img]) if p not in packages]
+    packages = _expand_images(ctx, names)
     ctx.graph.check_targets(packages)
     summary = run_build(ctx, packages, run_check=not no_check, quiet=as_json)
     built: list[BuiltImage] = []
@@ -92,6 +90,16 @@ def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
         built = [build_image(ctx, img, outputs, quiet=as_json) for img in image_names]
     _report(summary, as_json, built)
     sys.exit(0 if summary.ok else 1)
+
+
+def _expand_images(ctx: Context, names: list[str]) -> list[str]:
+    """Targets with every image replaced by the packages it contains."""
+    out: list[str] = []
+    for n in names:
+        for p in image_packages(ctx, ctx.images[n]) if n in ctx.images else [n]:
+            if p not in out:
+                out.append(p)
+    return out
 
 
 def run_build(ctx: Context, names: list[str], *, run_check: bool = True, quiet: bool = False) -> Summary:
@@ -143,7 +151,7 @@ def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
           as_json: bool, offline: bool) -> None:
     """Download and verify the sources of TARGETS and their dependencies (default: all)."""
     ctx = _ctx(recipes, toolchain, cache_dir, offline=offline)
-    names = ctx.graph.closure(list(targets) or ctx.default_targets())
+    names = ctx.graph.closure(_expand_images(ctx, list(targets) or ctx.default_targets()))
     failures: list[str] = []
     report: dict[str, list[dict[str, str]]] = {}
     for n in names:
