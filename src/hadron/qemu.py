@@ -24,17 +24,17 @@ CHECK_UNIT = """\
 [Unit]
 Description=Hadron boot check: report the system state on the console, then power off
 After=multi-user.target
-DefaultDependencies=no
 
 [Service]
-Type=oneshot
-StandardOutput=tty
-StandardError=tty
-TTYPath=/dev/ttyS0
-ExecStart=/bin/sh -c 'state=$(systemctl is-system-running --wait); echo "HADRON-CHECK state=$state"; \
-systemctl list-units --failed --no-legend --plain --no-pager | sed "s/^/HADRON-FAILED /"; \
-echo HADRON-CHECK-END'
-ExecStartPost=/usr/bin/systemctl poweroff --no-block
+# Not a oneshot: `is-system-running --wait` waits for the boot transaction, which would include
+# this unit's own start job.
+Type=simple
+# Written to the kernel log so that it reaches the serial console whatever the getty does to ttyS0.
+# ($$ is a literal $ for the shell: systemd expands $NAME itself.)
+ExecStart=/bin/sh -c 'state=$$(systemctl is-system-running --wait); echo "<4>HADRON-CHECK state=$$state" > /dev/kmsg; \\
+systemctl list-units --failed --no-legend --plain --no-pager | while read -r unit rest; do \\
+echo "<4>HADRON-FAILED $$unit $$rest" > /dev/kmsg; done; echo "<4>HADRON-CHECK-END" > /dev/kmsg; \\
+systemctl poweroff --no-block'
 
 [Install]
 WantedBy=multi-user.target
