@@ -18,7 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOOLCHAIN = os.environ.get("HADRON_E2E_TOOLCHAIN", "host")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(5400),  # a cold build of the whole image, kernel included
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap"),
+]
 
 
 def hadron(*args: str, timeout: float = 5400) -> subprocess.CompletedProcess[str]:
