@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hadron import BUILD_LOGIC_VERSION, __version__, oci, sandbox
 from hadron.cache import Output, remove_tree
 from hadron.errors import HadronError
+from hadron.recipe import recipe_files
 
 USR_MERGED = ("bin", "sbin", "lib", "lib64")
 
@@ -71,15 +72,8 @@ class LoadedImage:
 
 
 def image_files(directory: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    if not directory.is_dir():
-        return found
-    for p in sorted(directory.iterdir()):
-        if p.is_file() and p.suffix == ".toml":
-            found[p.stem] = p
-        elif p.is_dir() and (p / "image.toml").is_file():
-            found[p.name] = p / "image.toml"
-    return found
+    """Map image name → definition file: ``<name>.toml`` or ``<name>/image.toml``."""
+    return recipe_files(directory, "image.toml")
 
 
 def load_image(path: Path) -> LoadedImage:

@@ -349,16 +349,16 @@ def parse_recipe(path: Path, expect_name: str | None = None) -> LoadedRecipe:
     return LoadedRecipe(recipe=recipe, path=path, folder=folder, files_digest=files_digest)
 
 
-def recipe_files(directory: Path) -> dict[str, Path]:
-    """Map package name → recipe file for one recipe directory."""
+def recipe_files(directory: Path, folder_file: str = "recipe.toml") -> dict[str, Path]:
+    """Map name → definition file for one directory: ``<name>.toml`` or ``<name>/<folder_file>``."""
     found: dict[str, Path] = {}
     if not directory.is_dir():
         return found
     for p in sorted(directory.iterdir()):
         if p.is_file() and p.suffix == ".toml":
             found[p.stem] = p
-        elif p.is_dir() and (p / "recipe.toml").is_file():
-            found[p.name] = p / "recipe.toml"
+        elif p.is_dir() and (p / folder_file).is_file():
+            found[p.name] = p / folder_file
     return found
 
 
