@@ -77,7 +77,7 @@ def main() -> None:
 @_guard
 def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
           as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool) -> None:
-    """Build TARGETS (default: every package) and what they need."""
+    """Build TARGETS (packages or images; default: the default image of hadron.toml) and what they need."""
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going)
     names = list(targets) or ctx.default_targets()
     image_names = [n for n in names if n in ctx.images]

@@ -30,6 +30,7 @@ class BuildRequest:
     env_identity: str
     toolchain: Toolchain
     source_date_epoch: int
+    arch: str = "x86_64"
     extra_path: Sequence[str] = ()
     run_check: bool = True
     on_phase: Callable[[str], None] = field(default=lambda _p: None)
@@ -41,6 +42,20 @@ class BuildRequest:
 
 class Executor(Protocol):
     def build(self, req: BuildRequest) -> Output: ...
+
+
+KERNEL_ARCH = {"x86_64": "x86_64", "aarch64": "arm64", "riscv64": "riscv"}
+
+
+def kernel_arch(arch: str) -> str:
+    """The kernel's ARCH= for a Hadron target architecture."""
+    try:
+        return KERNEL_ARCH[arch]
+    except KeyError:
+        raise HadronError(
+            f"no kernel architecture is known for target {arch!r}",
+            hint="supported: " + ", ".join(sorted(KERNEL_ARCH)) + " (build.arch in hadron.toml)",
+        ) from None
 
 
 def stage_sysroot(inputs: dict[str, Output], root: Path) -> None:
@@ -163,7 +178,11 @@ class LocalExecutor:
             KBUILD_BUILD_HOST="hadron",
             HADRON_PACKAGE=r.name,
             HADRON_VERSION=r.version,
+            HADRON_ARCH=req.arch,
         )
+        if isinstance(r.build, KbuildBuild):
+            # Kbuild's own name for the target architecture; also read by the recipe's install step.
+            env["ARCH"] = kernel_arch(req.arch)
         if r.depends.toolchain:
             env.update(req.toolchain.step_env())
         else:

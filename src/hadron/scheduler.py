@@ -185,6 +185,7 @@ class Scheduler:
                     env_identity=self.planner.envid.identity(self.planner.host_tools(n)),
                     toolchain=self.planner.toolchain,
                     source_date_epoch=self.settings.source_date_epoch,
+                    arch=self.settings.arch,
                     extra_path=self.settings.extra_path,
                     run_check=run_check,
                     on_phase=lambda p: rep.phase(n, p),
