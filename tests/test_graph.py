@@ -58,3 +58,10 @@ def test_tree_and_dot(tmp_path: Path) -> None:
     assert tree.splitlines()[0] == "c 1" and "├── b 1" in tree and "└── a 1" in tree
     dot = g.dot(["c"])
     assert '"c" -> "b";' in dot and dot.startswith("digraph")
+
+
+def test_sysroot_holds_build_deps_and_their_run_closure_only(tmp_path: Path) -> None:
+    # app builds against lib; lib needs z at run time and was built with gen (a build-only tool).
+    g = graph(tmp_path, {"gen": [], "z": [], "lib": ["gen", "z"], "app": ["lib"]}, run={"lib": ["z"]})
+    assert g.transitive_build_inputs("app") == ["lib", "z"]
+    assert g.transitive_build_inputs("lib") == ["gen", "z"]

@@ -180,13 +180,15 @@ class LocalExecutor:
             HADRON_VERSION=r.version,
             HADRON_ARCH=req.arch,
         )
-        if isinstance(r.build, KbuildBuild):
-            # Kbuild's own name for the target architecture; also read by the recipe's install step.
-            env["ARCH"] = kernel_arch(req.arch)
         if r.depends.toolchain:
             env.update(req.toolchain.step_env())
         else:
             env.update(Toolchain("none").step_env())
+        if isinstance(r.build, KbuildBuild):
+            # Kbuild's names for the target architecture and the compiler prefix (the profile's kernel
+            # one, not its user-space one); read by every make call of the recipe, install included.
+            env["ARCH"] = kernel_arch(req.arch)
+            env["CROSS_COMPILE"] = env.get("HADRON_KERNEL_CROSS_COMPILE", "")
         env.update(r.build.env)
 
         # Unpack: sources read-only at /sources, /src writable for this one step.

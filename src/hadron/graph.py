@@ -71,20 +71,16 @@ class Graph:
         return order
 
     def transitive_build_inputs(self, name: str) -> list[str]:
-        """Packages whose outputs are staged into ``name``'s sysroot: build deps and, recursively,
-        the build and run-time deps of those."""
+        """Packages whose outputs are staged into ``name``'s sysroot: its build dependencies and
+        everything they need at run time (recursively). A dependency's own build dependencies are not
+        staged: they were needed to make it, not to use it."""
         seen: list[str] = []
-
-        def visit(n: str) -> None:
-            for d in [*self.build_deps(n), *self.run_deps(n)]:
-                if d not in seen and d != name:
-                    seen.append(d)
-                    visit(d)
-
-        for d in self.build_deps(name):
-            if d not in seen:
+        todo = list(self.build_deps(name))
+        while todo:
+            d = todo.pop(0)
+            if d not in seen and d != name:
                 seen.append(d)
-                visit(d)
+                todo += self.run_deps(d)
         return sorted(seen)
 
     def reverse_deps(self) -> dict[str, list[str]]:

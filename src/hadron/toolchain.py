@@ -38,7 +38,9 @@ class Toolchain:
 
     def step_env(self) -> dict[str, str]:
         # HADRON_RUN: a command prefix that runs a target program on the build machine (checks).
-        out = {"HADRON_CONFIGURE_HOST": "", "HADRON_MESON_ARGS": "", "HADRON_CMAKE_ARGS": "", "HADRON_RUN": ""}
+        # HADRON_KERNEL_CROSS_COMPILE: the tool prefix kbuild gets (empty: the build machine's gcc).
+        out = {"HADRON_CONFIGURE_HOST": "", "HADRON_MESON_ARGS": "", "HADRON_CMAKE_ARGS": "", "HADRON_RUN": "",
+               "HADRON_KERNEL_CROSS_COMPILE": ""}
         out.update(self.env)
         return out
 

@@ -1,0 +1,60 @@
+"""The distribution definition itself (distro/): every recipe, image and toolchain profile loads, each
+profile's graph is acyclic, and what an image ships is compiled by the profile's compiler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hadron.graph import Graph
+from hadron.image import image_files, load_image
+from hadron.recipe import load_recipes
+from hadron.toolchain import load_toolchain
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = load_recipes([ROOT / "distro" / "packages"])
+IMAGES = {n: load_image(p) for n, p in image_files(ROOT / "distro" / "images").items()}
+PROFILES = sorted(p.stem for p in (ROOT / "distro" / "toolchains").glob("*.toml"))
+
+
+def shipped(graph: Graph, image: str) -> list[str]:
+    """Packages whose runtime output lands in the image: its packages, their run closure, the kernel."""
+    spec = IMAGES[image].spec
+    todo = [*spec.packages, *([spec.kernel] if spec.kernel else [])]
+    seen: list[str] = []
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.append(n)
+            todo += graph.run_deps(n)
+    return sorted(seen)
+
+
+def test_profiles_and_images_exist() -> None:
+    assert {"cross", "host"} <= set(PROFILES)
+    assert "core" in IMAGES
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_image_closure_is_acyclic_and_built_by_the_profile(profile: str, image: str) -> None:
+    tc = load_toolchain(ROOT, profile)
+    g = Graph(RECIPES, tc.packages)
+    spec = IMAGES[image].spec
+    order = g.closure([*spec.packages, *([spec.kernel] if spec.kernel else [])])
+    assert set(tc.packages) <= set(order)
+    # Nothing an image ships may come from the build machine's compiler behind the profile's back.
+    not_by_profile = [n for n in shipped(g, image) if not RECIPES[n].recipe.depends.toolchain]
+    assert not_by_profile == []
+    # The C library is compiled by the profile's compiler and is what every target package sees.
+    assert "musl" in tc.packages
+    assert set(tc.packages) - {"musl"} <= set(g.build_deps("musl"))
+    assert "musl" in g.transitive_build_inputs("busybox")
+
+
+def test_cross_toolchain_is_bootstrapped_from_its_own_libc() -> None:
+    g = Graph(RECIPES, load_toolchain(ROOT, "cross").packages)
+    gcc = g.transitive_build_inputs("gcc-cross")
+    assert "musl-boot" in gcc and "musl" not in gcc
+    assert "musl-boot" not in g.transitive_build_inputs("systemd")
