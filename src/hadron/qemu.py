@@ -1,8 +1,11 @@
-"""Boot an assembled image in QEMU: direct kernel boot, root filesystem on a virtio disk.
+"""Boot an image in QEMU: direct kernel boot with the root file system on a virtio disk, or a whole
+disk image through firmware (SeaBIOS, OVMF, OVMF with Secure Boot enforced) with an optional TPM 2.0
+emulated by swtpm.
 
 TCG only (nested KVM is not dependable on build machines), one vCPU, serial console on the
-terminal. ``check=True`` adds a one-shot unit to a copy of the disk that reports the system state
-and failed units once multi-user.target is reached, then powers off.
+terminal. ``check=True`` adds a unit to a copy of the root file system that reports the system
+state, the failed units and (when there is a TPM) PCR 11 once multi-user.target is reached, then
+powers off.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ Type=simple
 # ($$ is a literal $ for the shell: systemd expands $NAME itself.)
 ExecStart=/bin/sh -c 'state=$$(systemctl is-system-running --wait); echo "<4>HADRON-CHECK state=$$state" > /dev/kmsg; \\
 systemctl list-units --failed --no-legend --plain --no-pager | while read -r unit rest; do \\
-echo "<4>HADRON-FAILED $$unit $$rest" > /dev/kmsg; done; echo "<4>HADRON-CHECK-END" > /dev/kmsg; \\
-systemctl poweroff --no-block'
+echo "<4>HADRON-FAILED $$unit $$rest" > /dev/kmsg; done; \\
+pcr=/sys/class/tpm/tpm0/pcr-sha256/11; \\
+if [ -r $$pcr ]; then echo "<4>HADRON-PCR11 $$(cat $$pcr)" > /dev/kmsg; fi; \\
+echo "<4>HADRON-CHECK-END" > /dev/kmsg; systemctl poweroff --no-block'
 
 [Install]
 WantedBy=multi-user.target
@@ -49,6 +54,7 @@ class BootResult:
     seconds_to_check: float | None = None
     seconds_total: float = 0.0
     console: str = ""
+    pcr11: str | None = None  # hex, as the booted kernel read it from the TPM
 
     @property
     def ok(self) -> bool:
@@ -62,6 +68,20 @@ def require(tool: str, package: str) -> str:
     return exe
 
 
+def add_check_unit(root: Path) -> None:
+    """Install and enable the boot-check unit in a (copied) root file system tree."""
+    unit_dir = root / "etc/systemd/system"
+    (unit_dir / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (unit_dir / CHECK_NAME).write_text(CHECK_UNIT)
+    link = unit_dir / "multi-user.target.wants" / CHECK_NAME
+    if not link.is_symlink():
+        link.symlink_to(f"../{CHECK_NAME}")
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], check=True)
+
+
 def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "hadron-root") -> None:
     """An ext4 filesystem image of ``rootfs`` (plus the check unit if asked)."""
     mkfs = require("mkfs.ext4", "e2fsprogs")
@@ -70,13 +90,8 @@ def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "ha
     if check:
         tmp = Path(tempfile.mkdtemp(prefix="hadron-disk-", dir=disk.parent))
         src = tmp / "root"
-        subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(src)], check=True)
-        unit_dir = src / "etc/systemd/system"
-        (unit_dir / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
-        (unit_dir / CHECK_NAME).write_text(CHECK_UNIT)
-        link = unit_dir / "multi-user.target.wants" / CHECK_NAME
-        if not link.is_symlink():
-            link.symlink_to(f"../{CHECK_NAME}")
+        copy_tree(rootfs, src)
+        add_check_unit(src)
     try:
         used = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(src) for f in fs)
         size_mb = max(256, int(used * 1.5 / 2**20) + 128)
@@ -108,6 +123,84 @@ def qemu_argv(kernel: Path, disk: Path, *, memory_mb: int = 1024, append: str = 
 def boot(kernel: Path, disk: Path, *, timeout: float = 300, echo: bool = True, append: str = "") -> BootResult:
     """Boot and read the console until QEMU exits (the check unit powers off) or ``timeout``."""
     argv = [*qemu_argv(kernel, disk, append=append), "-serial", "stdio", "-monitor", "none", "-display", "none"]
+    return run_console(argv, timeout=timeout, echo=echo)
+
+
+OVMF_DIR = Path("/usr/share/OVMF")
+FIRMWARES = ("bios", "uefi", "secure-boot")
+
+
+def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path | None = None,
+                  tpm_socket: Path | None = None, memory_mb: int = 1024) -> list[str]:
+    """QEMU arguments booting the whole ``disk`` through ``firmware`` (see FIRMWARES).
+
+    ``secure-boot`` runs OVMF's Secure Boot build (SMM, secure flash) with ``vars_file`` as its
+    variable store, which must hold the enrolled keys (secureboot.enroll_ovmf_vars)."""
+    qemu = require("qemu-system-x86_64", "qemu-system-x86")
+    argv = [qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
+            "-drive", f"file={disk},format=raw,if=virtio",
+            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
+    if firmware == "bios":
+        argv[1:1] = ["-machine", "q35"]
+    elif firmware in ("uefi", "secure-boot"):
+        secure = firmware == "secure-boot"
+        code = OVMF_DIR / ("OVMF_CODE_4M.secboot.fd" if secure else "OVMF_CODE_4M.fd")
+        if not code.is_file():
+            raise HadronError(f"{code} is missing", hint="apt-get install ovmf")
+        if secure and vars_file is None:
+            raise HadronError("Secure Boot needs a variable store with the keys enrolled")
+        store = workdir / "OVMF_VARS.fd"
+        shutil.copyfile(vars_file or OVMF_DIR / "OVMF_VARS_4M.fd", store)
+        argv[1:1] = ["-machine", "q35,smm=on" if secure else "q35",
+                     *(["-global", "driver=cfi.pflash01,property=secure,value=on"] if secure else []),
+                     "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={store}"]
+    else:
+        raise HadronError(f"unknown firmware {firmware!r}", hint="one of: " + ", ".join(FIRMWARES))
+    if tpm_socket is not None:
+        argv += ["-chardev", f"socket,id=chrtpm,path={tpm_socket}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0"]
+    return argv
+
+
+def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A TPM 2.0 emulator for one boot; returns the process and its control socket."""
+    swtpm = require("swtpm", "swtpm")
+    state.mkdir(parents=True, exist_ok=True)
+    sock = state / "swtpm.sock"
+    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                             "--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if sock.exists():
+            return proc, sock
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise HadronError("swtpm did not start", hint=f"run `swtpm socket --tpm2 --tpmstate dir={state} ...` by hand")
+
+
+def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: bool = False,
+              timeout: float = 600, echo: bool = True) -> BootResult:
+    """Boot a whole disk image through firmware; see ``boot`` for the console protocol."""
+    with tempfile.TemporaryDirectory(prefix="hadron-qemu-") as td:
+        work = Path(td)
+        swtpm: subprocess.Popen[bytes] | None = None
+        sock = None
+        if tpm:
+            swtpm, sock = start_swtpm(work / "tpm")
+        try:
+            argv = firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock)
+            return run_console([*argv, "-serial", "stdio", "-monitor", "none", "-display", "none"],
+                               timeout=timeout, echo=echo)
+        finally:
+            if swtpm is not None and swtpm.poll() is None:
+                swtpm.kill()
+                swtpm.wait()
+
+
+def run_console(argv: list[str], *, timeout: float, echo: bool) -> BootResult:
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -138,7 +231,9 @@ def boot(kernel: Path, disk: Path, *, timeout: float = 300, echo: bool = True, a
     text = buf.decode(errors="replace").replace("\r", "")
     m = re.search(r"HADRON-CHECK state=(\S*)", text)
     failed = re.findall(r"HADRON-FAILED (\S+)", text)
-    return BootResult(m.group(1) if m else None, failed, seen_check, time.monotonic() - t0, text)
+    pcr = re.search(r"HADRON-PCR11 ([0-9A-Fa-f]{64})", text)
+    return BootResult(m.group(1) if m else None, failed, seen_check, time.monotonic() - t0, text,
+                      pcr.group(1).lower() if pcr else None)
 
 
 def interactive(kernel: Path, disk: Path, append: str = "") -> int:

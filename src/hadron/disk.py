@@ -1,0 +1,116 @@
+"""Whole-disk images: a GPT partition table written by sfdisk, an EFI system partition made with
+mkfs.fat and filled with mtools, and the root file system made by mkfs.ext4 from the rootfs tree.
+
+Everything works on plain files (no loop devices, no mounts, no root). Partition and disk UUIDs
+are derived from a seed (the image key), so the same inputs give the same disk layout. The disk
+image is not byte-reproducible yet: Debian 12's mke2fs (1.47.0) stamps creation times into the
+superblock and the root and lost+found inodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hadron.errors import HadronError
+from hadron.qemu import require
+
+# GPT partition type GUIDs (UEFI spec; root type from the Discoverable Partitions Specification).
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+
+MIB = 1 << 20
+_NAMESPACE = uuid.UUID("7d0b4c1e-5a2f-4c62-9a5e-4861647230e1")
+
+
+def stable_uuid(seed: str, what: str) -> str:
+    """A UUID fixed by ``seed`` (e.g. the image key) and the role of the object."""
+    return str(uuid.uuid5(_NAMESPACE, f"{seed}:{what}"))
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    type_guid: str
+    uuid: str
+    size_mib: int
+    image: Path | None = None  # file copied into the partition (a file system image)
+
+
+def make_esp(out: Path, files: Mapping[str, Path], *, size_mib: int = 64, label: str = "ESP") -> None:
+    """A FAT32 EFI system partition image holding ``files`` (destination path → source file)."""
+    mkfs = require("mkfs.fat", "dosfstools")
+    mmd = require("mmd", "mtools")
+    mcopy = require("mcopy", "mtools")
+    need = sum(p.stat().st_size for p in files.values())
+    if need + 4 * MIB > size_mib * MIB:
+        raise HadronError(f"EFI system partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files",
+                          hint="raise the ESP size")
+    if out.exists():
+        out.unlink()
+    # FAT32 needs at least ~33 MiB with 512-byte sectors; -i fixes the volume id for reproducibility.
+    _run([mkfs, "-F", "32", "-n", label, "-i", "48414452", "-C", str(out), str(size_mib * 1024)], "mkfs.fat")
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    made: set[str] = set()
+    for dest in sorted(files):
+        parts = dest.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                _run([mmd, "-i", str(out), f"::/{d}"], "mmd", env=env)
+                made.add(d)
+        _run([mcopy, "-i", str(out), "-o", str(files[dest]), f"::/{'/'.join(parts)}"], "mcopy", env=env)
+
+
+def make_root_fs(rootfs: Path, out: Path, *, label: str, fs_uuid: str, extra_mib: int = 128) -> int:
+    """An ext4 image of ``rootfs``; returns its size in MiB."""
+    mkfs = require("mkfs.ext4", "e2fsprogs")
+    used = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(rootfs) for f in fs)
+    size_mib = max(256, int(used * 1.5 / MIB) + extra_mib)
+    if out.exists():
+        out.unlink()
+    _run([mkfs, "-q", "-F", "-L", label, "-U", fs_uuid, "-E", "root_owner=0:0,hash_seed=" + fs_uuid,
+          "-T", "default", "-d", str(rootfs), str(out), f"{size_mib}M"], "mkfs.ext4")
+    return size_mib
+
+
+def make_gpt_disk(out: Path, partitions: Sequence[Partition], *, disk_uuid: str) -> None:
+    """Write a GPT disk image with ``partitions`` (1 MiB aligned, in order) and copy their images in."""
+    sfdisk = require("sfdisk", "fdisk")
+    total = 1 + sum(p.size_mib for p in partitions) + 1  # 1 MiB for the primary and backup tables
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "wb") as f:
+        f.truncate(total * MIB)
+    script = [f"label: gpt\nlabel-id: {disk_uuid}\nunit: sectors\nfirst-lba: 2048\n"]
+    start = 1
+    for p in partitions:
+        script.append(f"start={start * 2048}, size={p.size_mib * 2048}, type={p.type_guid}, uuid={p.uuid}, "
+                      f'name="{p.name}"\n')
+        start += p.size_mib
+    try:
+        _run([sfdisk, "--no-reread", "--no-tell-kernel", "-q", str(tmp)], "sfdisk", stdin="".join(script))
+        start = 1
+        for p in partitions:
+            if p.image is not None:
+                size = p.image.stat().st_size
+                if size > p.size_mib * MIB:
+                    raise HadronError(f"{p.image} ({size} bytes) does not fit partition {p.name!r} ({p.size_mib} MiB)")
+                with open(p.image, "rb") as src, open(tmp, "r+b") as dst:
+                    dst.seek(start * MIB)
+                    shutil.copyfileobj(src, dst, 4 * MIB)
+            start += p.size_mib
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run(argv: list[str], what: str, *, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, input=stdin)
+    if res.returncode != 0:
+        raise HadronError(f"{what} failed ({' '.join(argv)}): {(res.stderr or res.stdout).strip()}")
