@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -22,6 +23,11 @@ from hadron.progress import Reporter
 from hadron.scheduler import Result, Scheduler, Summary
 
 F = TypeVar("F", bound=Callable[..., Any])
+KEYS_HELP = "Key directory made by `hadron keys generate` (default $HADRON_KEYS or ./keys)."
+
+
+def _keys_dir(keys: Path | None) -> Path:
+    return keys or Path(os.environ.get("HADRON_KEYS", "keys"))
 
 
 def _common(f: F) -> F:
@@ -313,12 +319,18 @@ def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
                    "the system is running with zero failed units.")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait with --check.")
 @click.option("--append", default="", help="Extra kernel command line.")
+@click.option("--trusted", is_flag=True,
+              help="Boot the trusted disk (systemd-boot + signed UKI) with OVMF enforcing Secure Boot with our keys "
+                   "enrolled and a TPM 2.0 (swtpm); --check also compares PCR 11 with the UKI's prediction.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
 @_guard
 def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-         as_json: bool, check: bool, timeout: float, append: str) -> None:
+         as_json: bool, check: bool, timeout: float, append: str, trusted: bool, keys_dir: Path | None) -> None:
     """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal."""
     ctx = _ctx(recipes, toolchain, cache_dir)
     built = _built_image(ctx, image, quiet=as_json)
+    if trusted:
+        _boot_trusted(ctx, built, keys_dir, check=check, timeout=timeout, append=append, as_json=as_json)
     if not built.kernel.exists():
         raise HadronError(f"image {built.name} has no kernel (/boot/vmlinuz)",
                           hint=f"set `kernel = ...` in {ctx.images[built.name].path}")
@@ -329,17 +341,47 @@ def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, ca
         sys.exit(qemu.interactive(built.kernel, disk, append))
     res = qemu.boot(built.kernel, disk, timeout=timeout, echo=not as_json, append=append)
     disk.unlink()
-    info = {"image": built.name, "state": res.state, "failed_units": res.failed, "ok": res.ok,
-            "seconds_to_multi_user": res.seconds_to_check, "seconds_total": round(res.seconds_total, 1)}
-    if not res.ok:
+    _report_boot(built.name, res, {}, ok=res.ok, as_json=as_json)
+
+
+def _report_boot(name: str, res: qemu.BootResult, extra: dict[str, Any], *, ok: bool, as_json: bool) -> None:
+    info: dict[str, Any] = {"image": name, "state": res.state, "failed_units": res.failed, "ok": ok,
+                            "seconds_to_multi_user": res.seconds_to_check,
+                            "seconds_total": round(res.seconds_total, 1), **extra}
+    if not ok:
         info["console_tail"] = res.console[-8000:]
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
         t = f"{res.seconds_to_check:.1f}s" if res.seconds_to_check else "never"
+        more = "".join(f" {k}={v}" for k, v in extra.items())
         click.echo(f"\nboot check: state={res.state} failed={res.failed or 'none'}; "
-                   f"multi-user.target reached after {t} (QEMU start to report)", err=True)
-    sys.exit(0 if res.ok else 1)
+                   f"multi-user.target reached after {t} (QEMU start to report){more}", err=True)
+    sys.exit(0 if ok else 1)
+
+
+def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, check: bool, timeout: float,
+                  append: str, as_json: bool) -> None:
+    import tempfile
+
+    from hadron import bootimage, secureboot
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    tmp_root = ctx.settings.cache_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="trusted-boot-", dir=tmp_root) as td:
+        work = Path(td)
+        d = bootimage.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append)
+        store = work / "OVMF_VARS.fd"
+        secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
+        if not check:
+            sys.exit(qemu.interactive_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True))
+        res = qemu.boot_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True, timeout=timeout,
+                             echo=not as_json)
+    expected = bootimage.expected_booted_pcr11(d.uki)
+    ok = res.ok and res.pcr11 == expected
+    _report_boot(built.name, res, {"pcr11": res.pcr11, "pcr11_expected": expected,
+                                   "disk_bytes": d.size, "uki_bytes": d.uki.size}, ok=ok, as_json=as_json)
 
 
 @main.command()
@@ -356,3 +398,71 @@ def push(ref: str, image: str | None, tls_verify: bool, recipes: tuple[Path, ...
     oci.push(built.oci, built.record["version"], ref, tls_verify=tls_verify)
     click.echo(json.dumps({"pushed": ref, "manifest": built.record["oci"]["manifest"]}) if as_json
                else f"pushed {built.name} to {ref} ({built.record['oci']['manifest']})")
+
+
+@main.group()
+def keys() -> None:
+    """Secure Boot and TPM policy signing keys."""
+
+
+@keys.command("generate")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing key directory.")
+@_guard
+def keys_generate(directory: Path | None, force: bool) -> None:
+    """Create TEST keys: PK, KEK and db (key, certificate, ESL, signed .auth) and the PCR 11 policy key."""
+    from hadron import secureboot
+
+    ks = secureboot.generate_keys(_keys_dir(directory), force=force)
+    click.echo(f"test keys written to {ks.directory} (PK, KEK, db, TPM PCR policy key); do not ship them")
+
+
+@main.group()
+def image() -> None:
+    """Bootable artifacts made from a built image (UKI, disk images)."""
+
+
+@image.command("uki")
+@click.argument("name", required=False)
+@_common
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write the UKI (default out/IMAGE.efi).")
+@_guard
+def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+              as_json: bool, keys_dir: Path | None, output: Path | None) -> None:
+    """Assemble the image's signed Unified Kernel Image (PCR 11 policy signed, Secure Boot signed)."""
+    from hadron import bootimage, secureboot
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    built = _built_image(ctx, name, quiet=as_json)
+    out = output or ctx.settings.project / "out" / f"{built.name}.efi"
+    info = bootimage.build_signed_uki(built, ks, out)
+    doc = {"uki": str(out), "bytes": out.stat().st_size, "sections": list(info.written), "pcr11": info.pcr11}
+    click.echo(json.dumps(doc, indent=2) if as_json else f"UKI {out} ({out.stat().st_size / 2**20:.1f} MiB): "
+               + " ".join(info.written))
+
+
+@image.command("disk")
+@click.argument("name", required=False)
+@_common
+@click.option("--boot", "boot_path", type=click.Choice(["trusted"]), default="trusted", show_default=True,
+              help="trusted: systemd-boot + signed UKI on the ESP, for Secure Boot.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write the raw disk image (default out/IMAGE-BOOT.raw).")
+@_guard
+def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+               as_json: bool, boot_path: str, keys_dir: Path | None, output: Path | None) -> None:
+    """Write a GPT disk image: EFI system partition plus the root file system (ext4)."""
+    from hadron import bootimage, secureboot
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    built = _built_image(ctx, name, quiet=as_json)
+    out = output or ctx.settings.project / "out" / f"{built.name}-{boot_path}.raw"
+    d = bootimage.build_trusted_disk(built, ks, out)
+    doc = {"disk": str(out), "bytes": d.size, "uki_bytes": d.uki.size, "root_partuuid": d.root_partuuid}
+    click.echo(json.dumps(doc, indent=2) if as_json else
+               f"disk {out} ({d.size / 2**20:.0f} MiB; UKI {d.uki.size / 2**20:.1f} MiB)")

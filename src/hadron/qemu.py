@@ -200,6 +200,20 @@ def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: 
                 swtpm.wait()
 
 
+def interactive_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: bool = False) -> int:
+    """Boot a whole disk through firmware with the serial console on this terminal (Ctrl-A X quits)."""
+    with tempfile.TemporaryDirectory(prefix="hadron-qemu-") as td:
+        work = Path(td)
+        swtpm, sock = start_swtpm(work / "tpm") if tpm else (None, None)
+        try:
+            return subprocess.call([*firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock),
+                                    "-nographic"])
+        finally:
+            if swtpm is not None:
+                swtpm.kill()
+                swtpm.wait()
+
+
 def run_console(argv: list[str], *, timeout: float, echo: bool) -> BootResult:
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,0 +1,138 @@
+"""Bootable artifacts made from a built image: the signed Unified Kernel Image and the trusted disk.
+
+Steps, each small: find the image's boot files (kernel, systemd-stub, systemd-boot, os-release),
+assemble the UKI (uki.build_uki, with the PCR 11 policy signed by measure), sign systemd-boot and
+the UKI for Secure Boot (secureboot.sign_efi, sbsign), make the EFI system partition and the root
+file system, write the GPT disk. Every input is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hadron import disk, measure, qemu, secureboot, uki
+from hadron.errors import HadronError
+from hadron.imagebuild import BuiltImage
+
+STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+OS_RELEASE = "usr/lib/os-release"
+ESP_MIB = 64
+# The root file system's partition name and label; systemd's discoverable-partitions type for x86-64.
+ROOT_NAME = "root-x86-64"
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: Path
+    release: str
+    stub: Path
+    systemd_boot: Path
+    os_release: Path
+
+
+@dataclass(frozen=True)
+class TrustedDisk:
+    path: Path
+    uki: uki.UkiInfo
+    root_partuuid: str
+    size: int
+
+
+def find_boot_files(img: BuiltImage) -> BootFiles:
+    """The files the trusted path needs from the image, or a clear error naming what is missing."""
+    release = str(img.record.get("kernel_release") or "")
+    kernel = img.rootfs / "boot" / f"vmlinuz-{release}"
+    if not release or not kernel.is_file():
+        raise HadronError(f"image {img.name} has no kernel (/boot/vmlinuz-<release>)",
+                          hint="set `kernel = ...` in the image definition")
+    files = {"stub": img.rootfs / STUB, "systemd_boot": img.rootfs / SYSTEMD_BOOT,
+             "os_release": img.rootfs / OS_RELEASE}
+    for what, p in files.items():
+        if not p.is_file():
+            raise HadronError(f"image {img.name} has no {what.replace('_', '-')} (/{p.relative_to(img.rootfs)})",
+                              hint="the systemd recipe must build with bootloader = \"enabled\"")
+    return BootFiles(kernel, release, files["stub"], files["systemd_boot"], files["os_release"])
+
+
+# The image has no TPM2 user space yet (systemd is built without tpm2-tss), so systemd-pcrphase does
+# not extend PCR 11 after the stub: the state a boot reaches is "" (no phase words). The policy is
+# signed for that state and for systemd's standard phase paths.
+SIGNED_PHASES = ("", *measure.DEFAULT_PHASES)
+
+
+def expected_booted_pcr11(info: uki.UkiInfo) -> str:
+    """PCR 11 (sha256, hex) a booted system should read: the stub's measurements, no phase words."""
+    for entry in info.pcr11["sha256"]:
+        if "phase" not in entry:
+            return str(entry["hash"])
+    raise HadronError("the UKI's PCR 11 prediction has no entry for the no-phase state")
+
+
+def root_partuuid(img: BuiltImage) -> str:
+    return disk.stable_uuid(img.key, "root-partition")
+
+
+def kernel_cmdline(img: BuiltImage, extra: str = "") -> str:
+    # The kernel finds the root partition by its GPT partition UUID itself (no initramfs needed).
+    return f"root=PARTUUID={root_partuuid(img)} rootfstype=ext4 rw console=ttyS0 panic=-1 {extra}".strip()
+
+
+def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmdline_extra: str = "",
+                     pcr_phases: tuple[str, ...] | None = None) -> uki.UkiInfo:
+    """The image's UKI with a signed PCR 11 policy, then signed with the db key for Secure Boot."""
+    bf = find_boot_files(img)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hadron-uki-", dir=out.parent) as td:
+        unsigned = Path(td) / "unsigned.efi"
+        info = uki.build_uki(
+            bf.stub, unsigned, linux=bf.kernel, osrel=bf.os_release.read_bytes(),
+            cmdline=kernel_cmdline(img, cmdline_extra), initrd=None, uname=bf.release,
+            sbat=None, pcr_private_key=keys.pcr_private_key, pcr_public_key=keys.pcr_public_key,
+            pcr_phases=pcr_phases or SIGNED_PHASES,
+        )
+        secureboot.sign_efi(keys, unsigned, out)
+    return info
+
+
+def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, check: bool = False,
+                       cmdline_extra: str = "", pcr_phases: tuple[str, ...] | None = None) -> TrustedDisk:
+    """GPT disk: an ESP with signed systemd-boot, loader.conf and the signed UKI; the root file system.
+
+    ``check`` adds the boot-check unit to the root file system (qemu.CHECK_UNIT)."""
+    bf = find_boot_files(img)
+    version = str(img.record.get("version", "0"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hadron-disk-", dir=out.parent) as td:
+        work = Path(td)
+        efi = work / "uki.efi"
+        info = build_signed_uki(img, keys, efi, cmdline_extra=cmdline_extra, pcr_phases=pcr_phases)
+        sdboot = work / "systemd-bootx64.efi"
+        secureboot.sign_efi(keys, bf.systemd_boot, sdboot)
+        loader = work / "loader.conf"
+        loader.write_text("timeout 0\nconsole-mode keep\neditor no\n")
+        esp = work / "esp.img"
+        disk.make_esp(esp, {
+            "EFI/BOOT/BOOTX64.EFI": sdboot,
+            "EFI/systemd/systemd-bootx64.efi": sdboot,
+            "loader/loader.conf": loader,
+            f"EFI/Linux/{img.name}-{version}.efi": efi,
+        }, size_mib=ESP_MIB)
+        tree = img.rootfs
+        if check:
+            tree = work / "root"
+            qemu.copy_tree(img.rootfs, tree)
+            qemu.add_check_unit(tree)
+        rootimg = work / "root.img"
+        root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=disk.stable_uuid(img.key, "root-fs"))
+        if check:
+            shutil.rmtree(tree)
+        puuid = root_partuuid(img)
+        disk.make_gpt_disk(out, [
+            disk.Partition("esp", disk.ESP_TYPE, disk.stable_uuid(img.key, "esp"), ESP_MIB, esp),
+            disk.Partition(ROOT_NAME, disk.ROOT_X86_64_TYPE, puuid, root_mib, rootimg),
+        ], disk_uuid=disk.stable_uuid(img.key, "disk"))
+    return TrustedDisk(out, info, puuid, out.stat().st_size)
