@@ -182,8 +182,9 @@ def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
 
 
 def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: bool = False,
-              timeout: float = 600, echo: bool = True) -> BootResult:
-    """Boot a whole disk image through firmware; see ``boot`` for the console protocol."""
+              timeout: float = 600, echo: bool = True, stop_on: tuple[bytes, ...] = ()) -> BootResult:
+    """Boot a whole disk image through firmware; see ``boot`` for the console protocol. The boot also
+    ends as soon as the console shows one of ``stop_on`` (e.g. a firmware's refusal)."""
     with tempfile.TemporaryDirectory(prefix="hadron-qemu-") as td:
         work = Path(td)
         swtpm: subprocess.Popen[bytes] | None = None
@@ -193,7 +194,7 @@ def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: 
         try:
             argv = firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock)
             return run_console([*argv, "-serial", "stdio", "-monitor", "none", "-display", "none"],
-                               timeout=timeout, echo=echo)
+                               timeout=timeout, echo=echo, stop_on=stop_on)
         finally:
             if swtpm is not None and swtpm.poll() is None:
                 swtpm.kill()
@@ -214,7 +215,7 @@ def interactive_disk(disk: Path, firmware: str, *, vars_file: Path | None = None
                 swtpm.wait()
 
 
-def run_console(argv: list[str], *, timeout: float, echo: bool) -> BootResult:
+def run_console(argv: list[str], *, timeout: float, echo: bool, stop_on: tuple[bytes, ...] = ()) -> BootResult:
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -236,6 +237,9 @@ def run_console(argv: list[str], *, timeout: float, echo: bool) -> BootResult:
                 buf += chunk
                 if seen_check is None and b"HADRON-CHECK state=" in buf:
                     seen_check = time.monotonic() - t0
+                if any(s in buf for s in stop_on):
+                    time.sleep(1)  # let the rest of the message arrive
+                    break
             elif proc.poll() is not None:
                 break
     finally:
