@@ -190,7 +190,10 @@ def http_server(root: Path) -> Iterator[tuple[str, list[str]]]:
 def write_package(tree: Path, dist: Path, base_url: str, name: str, style: str, deps: list[str],
                   *, version: str = "1.0", work: int = 0, units: int = 1, extra: str = "", marker: str = "",
                   link: list[str] | None = None) -> str:
-    """Create the tarball (in ``dist``) and recipe (in ``tree``) of one synthetic package."""
+    """Create the tarball (in ``dist``) and recipe (in ``tree``) of one synthetic package.
+
+    ``link``: every (static) library the program links; they are all build dependencies of the
+    recipe, since a sysroot holds build dependencies and their run-time closure only."""
     files = make_style(name, deps, work, units, link) if style == "make" else STYLES[style](name, deps)
     if marker:
         files["MARKER"] = marker
@@ -198,6 +201,7 @@ def write_package(tree: Path, dist: Path, base_url: str, name: str, style: str, 
     fname = f"{name}-{version}.tar.gz"
     digest = make_tarball(dist / fname, f"{name}-{version}", files, modes)
     (tree / f"{name}.toml").write_text(
-        recipe_toml(name, style, f"{base_url}/{fname}", digest, deps, version=version, extra=extra)
+        recipe_toml(name, style, f"{base_url}/{fname}", digest, sorted(set(deps) | set(link or [])), version=version,
+                    extra=extra)
     )
     return digest
