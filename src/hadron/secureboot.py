@@ -143,7 +143,7 @@ def _subject(prefix: str, role: str) -> x509.Name:
     if len(cn) > 64:
         raise HadronError(
             f"certificate common name {cn!r} is longer than X.509's 64 characters",
-            hint="use a shorter common_name_prefix",
+            hint="use a shorter common name prefix",
         )
     return x509.Name([
         x509.NameAttribute(NameOID.COMMON_NAME, cn),
@@ -192,7 +192,7 @@ def generate_keys(
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise HadronError(
             f"key directory {dest} already exists and is not empty",
-            hint="load it with load_keys, choose another directory, or pass force=True to replace it",
+            hint="use it as it is, choose another directory, or replace it (`hadron keys generate --force`)",
         )
     if not dest.parent.is_dir():
         raise HadronError(f"parent directory {dest.parent} of the key directory does not exist", hint="create it first")
@@ -284,13 +284,16 @@ def _check_esl(path: Path, cert: x509.Certificate, owner: uuid.UUID) -> None:
     ):
         raise HadronError(
             f"{path} does not hold exactly the certificate {path.with_suffix('.crt').name} with owner {owner}",
-            hint="regenerate the key directory",
+            hint=REGENERATE,
         )
+
+
+REGENERATE = "regenerate the key directory (`hadron keys generate --force DIR`)"
 
 
 def load_keys(directory: Path) -> KeySet:
     """Load and check a key directory: every file present, each key matching its certificate."""
-    hint = "generate a key directory with hadron.secureboot.generate_keys"
+    hint = "generate one with `hadron keys generate DIR` (test keys)"
     if not directory.is_dir():
         raise HadronError(f"key directory {directory} does not exist", hint=hint)
     guid_file = directory / OWNER_GUID_FILE
@@ -315,7 +318,7 @@ def load_keys(directory: Path) -> KeySet:
                 hint=f"the {role} key and certificate were mixed up; regenerate the key directory",
             )
         if k.der.read_bytes() != cert.public_bytes(serialization.Encoding.DER):
-            raise HadronError(f"{k.der} is not the DER form of {k.crt}", hint="regenerate the key directory")
+            raise HadronError(f"{k.der} is not the DER form of {k.crt}", hint=REGENERATE)
         _check_esl(k.esl, cert, owner)
     measure.load_pcr_keypair(pcr_private, pcr_public)
     return KeySet(directory, owner, keys["PK"], keys["KEK"], keys["db"], pcr_private, pcr_public)
@@ -349,7 +352,7 @@ def verify_efi(keys: KeySet, path: Path) -> None:
         detail = (res.stderr.strip() or res.stdout.strip()).splitlines()
         raise HadronError(
             f"{path} is not validly signed by {keys.db.crt}: {detail[-1] if detail else 'sbverify failed'}",
-            hint="sign it with sign_efi after its last change",
+            hint="sign it again after its last change",
         )
 
 
