@@ -72,6 +72,14 @@ def test_trusted_disk_layout_and_signatures(tmp_path: Path, keys: secureboot.Key
     sections = uki.read_uki_sections(tmp_path / "uki.efi")
     assert f"root=PARTUUID={d.root_partuuid}" in sections[".cmdline"].decode()
     assert sections[".osrel"].startswith(b"ID=hadron")
+    # The initrd is the image itself made into a systemd initrd: zstd frames holding a newc cpio.
+    initrd = tmp_path / "initrd.cpio"
+    (tmp_path / "initrd.zst").write_bytes(sections[".initrd"])
+    subprocess.run(["zstd", "-q", "-d", str(tmp_path / "initrd.zst"), "-o", str(initrd)], check=True)
+    listing = subprocess.run(["cpio", "-t", "--quiet"], stdin=initrd.open("rb"), capture_output=True,
+                             check=True).stdout.decode().split()
+    assert {"init", "etc/initrd-release", "etc/hostname"} <= set(listing)
+    assert not any(n.startswith("boot") for n in listing)
     pcrsig = json.loads(sections[".pcrsig"].rstrip(b"\0"))
     assert len(pcrsig["sha256"]) == len(bootimage.SIGNED_PHASES)
     assert len(bootimage.expected_booted_pcr11(d.uki)) == 64

@@ -8,7 +8,9 @@ file system, write the GPT disk. Every input is checked before anything is writt
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,25 +74,64 @@ def expected_booted_pcr11(info: uki.UkiInfo) -> str:
     raise HadronError("the UKI's PCR 11 prediction has no entry for the no-phase state")
 
 
+# Left out of the initrd: the kernel itself and the boot loader binaries.
+INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot")
+
+
+def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
+    """A systemd initrd made from the image itself (the approach mkosi takes, not dracut's): the rootfs
+    without /boot, plus /etc/initrd-release (which makes systemd run initrd.target, mount root= at
+    /sysroot and switch root) and /init. newc cpio with uid/gid 0 and clamped mtimes, zstd-compressed.
+    Returns the size in bytes."""
+    cpio = qemu.require("cpio", "cpio")
+    zstd = qemu.require("zstd", "zstd")
+    with tempfile.TemporaryDirectory(prefix="hadron-initrd-", dir=out.parent) as td:
+        tree = Path(td) / "root"
+        qemu.copy_tree(img.rootfs, tree)
+        for rel in INITRD_EXCLUDE:
+            shutil.rmtree(tree / rel, ignore_errors=True)
+        osrel = (img.rootfs / OS_RELEASE).read_text()
+        (tree / "etc/initrd-release").write_text(osrel.rstrip("\n") + '\nVARIANT="initrd"\nVARIANT_ID=initrd\n')
+        (tree / "init").symlink_to("usr/lib/systemd/systemd")
+        names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+        for p in [tree, *tree.rglob("*")]:
+            os.utime(p, (epoch, epoch), follow_symlinks=False)
+        raw = Path(td) / "initrd.cpio"
+        with open(raw, "wb") as f:
+            res = subprocess.run([cpio, "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"], cwd=tree,
+                                 input="\n".join(names).encode(), stdout=f, stderr=subprocess.PIPE)
+        if res.returncode != 0:
+            raise HadronError(f"cpio failed: {res.stderr.decode(errors='replace').strip()}")
+        tmp = out.with_name(out.name + ".part")
+        z = subprocess.run([zstd, "-q", "-f", "-19", "-T0", str(raw), "-o", str(tmp)], capture_output=True, text=True)
+        if z.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise HadronError(f"zstd failed: {z.stderr.strip()}")
+        os.replace(tmp, out)
+    return out.stat().st_size
+
+
 def root_partuuid(img: BuiltImage) -> str:
     return disk.stable_uuid(img.key, "root-partition")
 
 
 def kernel_cmdline(img: BuiltImage, extra: str = "") -> str:
-    # The kernel finds the root partition by its GPT partition UUID itself (no initramfs needed).
+    # root= by GPT partition UUID: the initrd's systemd mounts it (the cloud kernel could do it alone).
     return f"root=PARTUUID={root_partuuid(img)} rootfstype=ext4 rw console=ttyS0 panic=-1 {extra}".strip()
 
 
 def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmdline_extra: str = "",
-                     pcr_phases: tuple[str, ...] | None = None) -> uki.UkiInfo:
+                     pcr_phases: tuple[str, ...] | None = None, epoch: int = 0) -> uki.UkiInfo:
     """The image's UKI with a signed PCR 11 policy, then signed with the db key for Secure Boot."""
     bf = find_boot_files(img)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hadron-uki-", dir=out.parent) as td:
         unsigned = Path(td) / "unsigned.efi"
+        initrd = Path(td) / "initrd.cpio.zst"
+        build_initrd(img, initrd, epoch=epoch)
         info = uki.build_uki(
             bf.stub, unsigned, linux=bf.kernel, osrel=bf.os_release.read_bytes(),
-            cmdline=kernel_cmdline(img, cmdline_extra), initrd=None, uname=bf.release,
+            cmdline=kernel_cmdline(img, cmdline_extra), initrd=initrd, uname=bf.release,
             sbat=None, pcr_private_key=keys.pcr_private_key, pcr_public_key=keys.pcr_public_key,
             pcr_phases=pcr_phases or SIGNED_PHASES,
         )
@@ -99,7 +140,8 @@ def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmd
 
 
 def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, check: bool = False,
-                       cmdline_extra: str = "", pcr_phases: tuple[str, ...] | None = None) -> TrustedDisk:
+                       cmdline_extra: str = "", pcr_phases: tuple[str, ...] | None = None,
+                       epoch: int = 0) -> TrustedDisk:
     """GPT disk: an ESP with signed systemd-boot, loader.conf and the signed UKI; the root file system.
 
     ``check`` adds the boot-check unit to the root file system (qemu.CHECK_UNIT)."""
@@ -109,7 +151,7 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
     with tempfile.TemporaryDirectory(prefix="hadron-disk-", dir=out.parent) as td:
         work = Path(td)
         efi = work / "uki.efi"
-        info = build_signed_uki(img, keys, efi, cmdline_extra=cmdline_extra, pcr_phases=pcr_phases)
+        info = build_signed_uki(img, keys, efi, cmdline_extra=cmdline_extra, pcr_phases=pcr_phases, epoch=epoch)
         sdboot = work / "systemd-bootx64.efi"
         secureboot.sign_efi(keys, bf.systemd_boot, sdboot)
         loader = work / "loader.conf"

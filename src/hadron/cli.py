@@ -371,7 +371,8 @@ def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, che
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trusted-boot-", dir=tmp_root) as td:
         work = Path(td)
-        d = bootimage.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append)
+        d = bootimage.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append,
+                                         epoch=ctx.settings.source_date_epoch)
         store = work / "OVMF_VARS.fd"
         secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
         if not check:
@@ -438,7 +439,7 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
     ctx = _ctx(recipes, toolchain, cache_dir)
     built = _built_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}.efi"
-    info = bootimage.build_signed_uki(built, ks, out)
+    info = bootimage.build_signed_uki(built, ks, out, epoch=ctx.settings.source_date_epoch)
     doc = {"uki": str(out), "bytes": out.stat().st_size, "sections": list(info.written), "pcr11": info.pcr11}
     click.echo(json.dumps(doc, indent=2) if as_json else f"UKI {out} ({out.stat().st_size / 2**20:.1f} MiB): "
                + " ".join(info.written))
@@ -462,7 +463,7 @@ def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | Non
     ctx = _ctx(recipes, toolchain, cache_dir)
     built = _built_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}-{boot_path}.raw"
-    d = bootimage.build_trusted_disk(built, ks, out)
+    d = bootimage.build_trusted_disk(built, ks, out, epoch=ctx.settings.source_date_epoch)
     doc = {"disk": str(out), "bytes": d.size, "uki_bytes": d.uki.size, "root_partuuid": d.root_partuuid}
     click.echo(json.dumps(doc, indent=2) if as_json else
                f"disk {out} ({d.size / 2**20:.0f} MiB; UKI {d.uki.size / 2**20:.1f} MiB)")
