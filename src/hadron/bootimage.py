@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hadron import disk, measure, qemu, secureboot, uki
-from hadron.errors import HadronError
+from hadron.errors import HadronError, require_tool
 from hadron.imagebuild import BuiltImage
 
 STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
@@ -83,8 +83,8 @@ def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
     without /boot, plus /etc/initrd-release (which makes systemd run initrd.target, mount root= at
     /sysroot and switch root) and /init. newc cpio with uid/gid 0 and clamped mtimes, zstd-compressed.
     Returns the size in bytes."""
-    cpio = qemu.require("cpio", "cpio")
-    zstd = qemu.require("zstd", "zstd")
+    cpio = require_tool("cpio", "cpio")
+    zstd = require_tool("zstd", "zstd")
     with tempfile.TemporaryDirectory(prefix="hadron-initrd-", dir=out.parent) as td:
         tree = Path(td) / "root"
         qemu.copy_tree(img.rootfs, tree)

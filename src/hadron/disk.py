@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron.errors import HadronError
-from hadron.qemu import require
+from hadron.errors import HadronError, require_tool
 
 # GPT partition type GUIDs (UEFI spec; root type from the Discoverable Partitions Specification).
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -45,9 +44,9 @@ class Partition:
 
 def make_esp(out: Path, files: Mapping[str, Path], *, size_mib: int = 64, label: str = "ESP") -> None:
     """A FAT32 EFI system partition image holding ``files`` (destination path → source file)."""
-    mkfs = require("mkfs.fat", "dosfstools")
-    mmd = require("mmd", "mtools")
-    mcopy = require("mcopy", "mtools")
+    mkfs = require_tool("mkfs.fat", "dosfstools")
+    mmd = require_tool("mmd", "mtools")
+    mcopy = require_tool("mcopy", "mtools")
     need = sum(p.stat().st_size for p in files.values())
     if need + 4 * MIB > size_mib * MIB:
         raise HadronError(f"EFI system partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files",
@@ -68,21 +67,23 @@ def make_esp(out: Path, files: Mapping[str, Path], *, size_mib: int = 64, label:
         _run([mcopy, "-i", str(out), "-o", str(files[dest]), f"::/{'/'.join(parts)}"], "mcopy", env=env)
 
 
-def make_root_fs(rootfs: Path, out: Path, *, label: str, fs_uuid: str, extra_mib: int = 128) -> int:
-    """An ext4 image of ``rootfs``; returns its size in MiB."""
-    mkfs = require("mkfs.ext4", "e2fsprogs")
+def make_root_fs(rootfs: Path, out: Path, *, label: str, fs_uuid: str | None = None, extra_mib: int = 128) -> int:
+    """An ext4 image of ``rootfs`` (half again its size plus ``extra_mib``, at least 256 MiB); returns
+    its size in MiB."""
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
     used = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(rootfs) for f in fs)
     size_mib = max(256, int(used * 1.5 / MIB) + extra_mib)
     if out.exists():
         out.unlink()
-    _run([mkfs, "-q", "-F", "-L", label, "-U", fs_uuid, "-E", "root_owner=0:0,hash_seed=" + fs_uuid,
-          "-T", "default", "-d", str(rootfs), str(out), f"{size_mib}M"], "mkfs.ext4")
+    ids = ["-U", fs_uuid, "-E", f"root_owner=0:0,hash_seed={fs_uuid}"] if fs_uuid else ["-E", "root_owner=0:0"]
+    _run([mkfs, "-q", "-F", "-L", label, *ids, "-T", "default", "-d", str(rootfs), str(out), f"{size_mib}M"],
+         "mkfs.ext4")
     return size_mib
 
 
 def make_gpt_disk(out: Path, partitions: Sequence[Partition], *, disk_uuid: str) -> None:
     """Write a GPT disk image with ``partitions`` (1 MiB aligned, in order) and copy their images in."""
-    sfdisk = require("sfdisk", "fdisk")
+    sfdisk = require_tool("sfdisk", "fdisk")
     total = 1 + sum(p.size_mib for p in partitions) + 1  # 1 MiB for the primary and backup tables
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "wb") as f:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hadron.errors import HadronError
+from hadron.errors import HadronError, require_tool
 
 CHECK_UNIT = """\
 [Unit]
@@ -61,13 +61,6 @@ class BootResult:
         return self.state == "running" and not self.failed
 
 
-def require(tool: str, package: str) -> str:
-    exe = shutil.which(tool)
-    if exe is None:
-        raise HadronError(f"{tool} is not installed", hint=f"apt-get install {package}")
-    return exe
-
-
 def add_check_unit(root: Path) -> None:
     """Install and enable the boot-check unit in a (copied) root file system tree."""
     unit_dir = root / "etc/systemd/system"
@@ -84,33 +77,20 @@ def copy_tree(src: Path, dest: Path) -> None:
 
 def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "hadron-root") -> None:
     """An ext4 filesystem image of ``rootfs`` (plus the check unit if asked)."""
-    mkfs = require("mkfs.ext4", "e2fsprogs")
-    src = rootfs
-    tmp: Path | None = None
-    if check:
-        tmp = Path(tempfile.mkdtemp(prefix="hadron-disk-", dir=disk.parent))
-        src = tmp / "root"
+    from hadron.disk import make_root_fs
+
+    if not check:
+        make_root_fs(rootfs, disk, label=label)
+        return
+    with tempfile.TemporaryDirectory(prefix="hadron-disk-", dir=disk.parent) as td:
+        src = Path(td) / "root"
         copy_tree(rootfs, src)
         add_check_unit(src)
-    try:
-        used = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(src) for f in fs)
-        size_mb = max(256, int(used * 1.5 / 2**20) + 128)
-        if disk.exists():
-            disk.unlink()
-        res = subprocess.run(
-            [mkfs, "-q", "-F", "-L", label, "-d", str(src), "-E", "root_owner=0:0", "-T", "default",
-             str(disk), f"{size_mb}M"],
-            capture_output=True, text=True,
-        )
-        if res.returncode != 0:
-            raise HadronError(f"mkfs.ext4 failed: {res.stderr.strip()}")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        make_root_fs(src, disk, label=label)
 
 
 def qemu_argv(kernel: Path, disk: Path, *, memory_mb: int = 1024, append: str = "") -> list[str]:
-    qemu = require("qemu-system-x86_64", "qemu-system-x86")
+    qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
     cmdline = f"console=ttyS0 root=/dev/vda rootfstype=ext4 rw panic=-1 {append}".strip()
     return [
         qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
@@ -136,7 +116,7 @@ def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path |
 
     ``secure-boot`` runs OVMF's Secure Boot build (SMM, secure flash) with ``vars_file`` as its
     variable store, which must hold the enrolled keys (secureboot.enroll_ovmf_vars)."""
-    qemu = require("qemu-system-x86_64", "qemu-system-x86")
+    qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
     argv = [qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
             "-drive", f"file={disk},format=raw,if=virtio",
             "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
@@ -165,7 +145,7 @@ def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path |
 
 def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """A TPM 2.0 emulator for one boot; returns the process and its control socket."""
-    swtpm = require("swtpm", "swtpm")
+    swtpm = require_tool("swtpm", "swtpm")
     state.mkdir(parents=True, exist_ok=True)
     sock = state / "swtpm.sock"
     proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}",
