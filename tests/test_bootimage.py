@@ -82,7 +82,9 @@ def test_trusted_disk_layout_and_signatures(tmp_path: Path, keys: secureboot.Key
     assert not any(n.startswith("boot") for n in listing)
     pcrsig = json.loads(sections[".pcrsig"].rstrip(b"\0"))
     assert len(pcrsig["sha256"]) == len(bootimage.SIGNED_PHASES)
-    assert len(bootimage.expected_booted_pcr11(d.uki)) == 64
+    booted = bootimage.expected_booted_pcr11(d.uki)
+    assert bootimage.policy_covers(d.uki, booted, keys.pcr_public_key)
+    assert not bootimage.policy_covers(d.uki, "00" * 32, keys.pcr_public_key)
 
 
 @pytest.mark.parametrize(("kernel", "stub", "message"), [

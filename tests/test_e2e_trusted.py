@@ -47,6 +47,7 @@ def test_signed_uki_boots_with_secure_boot_and_pcr11_matches(keys: Path) -> None
     assert res.returncode == 0 and info.get("ok"), f"{res.stdout[-8000:]}\n{res.stderr[-3000:]}"
     assert info["state"] == "running" and info["failed_units"] == []
     assert info["pcr11"] == info["pcr11_expected"]
+    assert info["pcr11_policy_signed"] is True
     print(f"\nSecure Boot + TPM boot: multi-user.target after {info['seconds_to_multi_user']:.1f}s; "
           f"disk {info['disk_bytes'] / 2**20:.0f} MiB, UKI {info['uki_bytes'] / 2**20:.1f} MiB; "
           f"PCR 11 {info['pcr11']}")

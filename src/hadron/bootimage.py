@@ -111,6 +111,16 @@ def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
     return out.stat().st_size
 
 
+def policy_covers(info: uki.UkiInfo, pcr11_hex: str, pcr_public_key: Path) -> bool:
+    """Whether the UKI's signed .pcrsig authorizes a PolicyPCR session for this PCR 11 value; its
+    signatures are verified against the PCR public key (the UKI's .pcrpkey) first."""
+    if info.pcrsig is None:
+        raise HadronError("the UKI has no .pcrsig")
+    measure.verify_policy_signature(info.pcrsig, pcr_public_key)
+    wanted = measure.policy_digest(bytes.fromhex(pcr11_hex)).hex()
+    return any(entry["pol"] == wanted for entry in info.pcrsig.get("sha256", []))
+
+
 def root_partuuid(img: BuiltImage) -> str:
     return disk.stable_uuid(img.key, "root-partition")
 

@@ -380,8 +380,10 @@ def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, che
         res = qemu.boot_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True, timeout=timeout,
                              echo=not as_json)
     expected = bootimage.expected_booted_pcr11(d.uki)
-    ok = res.ok and res.pcr11 == expected
-    _report_boot(built.name, res, {"pcr11": res.pcr11, "pcr11_expected": expected,
+    # The policy check: a PolicyPCR session in the booted state must be one the UKI's .pcrsig signed.
+    signed = res.pcr11 is not None and bootimage.policy_covers(d.uki, res.pcr11, ks.pcr_public_key)
+    ok = res.ok and res.pcr11 == expected and signed
+    _report_boot(built.name, res, {"pcr11": res.pcr11, "pcr11_expected": expected, "pcr11_policy_signed": signed,
                                    "disk_bytes": d.size, "uki_bytes": d.uki.size}, ok=ok, as_json=as_json)
 
 
