@@ -199,18 +199,23 @@ def calculate(
     known: Iterable[str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The expected PCR 11 values in the form ``systemd-measure calculate --json`` prints."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for bank, values in _expected_values(sections, phases, banks, known).items():
+        out[bank] = [{**({"phase": path} if path else {}), "pcr": KERNEL_BOOT_PCR, "hash": value.hex()}
+                     for path, value in values]
+    return out
+
+
+def _expected_values(
+    sections: Mapping[str, bytes], phases: Iterable[str], banks: Iterable[str], known: Iterable[str] | None
+) -> dict[str, list[tuple[str, bytes]]]:
+    """bank → [(phase path, PCR 11 value)], banks and paths in systemd-measure's order."""
     measured = measured_sections(sections, known)
     paths = normalize_phases(phases)
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[tuple[str, bytes]]] = {}
     for bank in normalize_banks(banks):
         base = _pcr_after_sections(measured, bank)
-        entries: list[dict[str, Any]] = []
-        for path in paths:
-            entry: dict[str, Any] = {"phase": path} if path else {}
-            entry["pcr"] = KERNEL_BOOT_PCR
-            entry["hash"] = _pcr_after_phase(base, phase_words(path), bank).hex()
-            entries.append(entry)
-        out[bank] = entries
+        out[bank] = [(path, _pcr_after_phase(base, phase_words(path), bank)) for path in paths]
     return out
 
 
@@ -324,14 +329,11 @@ def sign_policy(
     """
     private, public = load_pcr_keypair(private_key_pem, public_key_pem)
     fingerprint = public_key_fingerprint(public)
-    measured = measured_sections(sections, known)
-    paths = normalize_phases(phases)
     out: dict[str, list[dict[str, Any]]] = {}
-    for bank in normalize_banks(banks):
-        base = _pcr_after_sections(measured, bank)
+    for bank, values in _expected_values(sections, phases, banks, known).items():
         entries: list[dict[str, Any]] = []
-        for path in paths:
-            pol = policy_digest({KERNEL_BOOT_PCR: _pcr_after_phase(base, phase_words(path), bank)}, bank)
+        for _path, value in values:
+            pol = policy_digest({KERNEL_BOOT_PCR: value}, bank)
             sig = private.sign(pol, padding.PKCS1v15(), _sig_hash(bank if signature_hash == "bank" else "sha256"))
             sig_b64 = base64.b64encode(sig).decode()
             entries.append({"pcrs": [KERNEL_BOOT_PCR], "pkfp": fingerprint, "pol": pol.hex(), "sig": sig_b64})

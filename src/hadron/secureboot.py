@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -324,21 +324,26 @@ def load_keys(directory: Path) -> KeySet:
     return KeySet(directory, owner, keys["PK"], keys["KEK"], keys["db"], pcr_private, pcr_public)
 
 
-def sign_efi(keys: KeySet, src: Path, dst: Path) -> None:
-    """Sign the EFI binary ``src`` with the db key (sbsign) and write it to ``dst`` atomically."""
-    tools = _need_tools(("sbsign",), "sbsigntool")
-    if not src.is_file():
-        raise HadronError(f"EFI binary {src} does not exist", hint="check the path")
+def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str) -> None:
+    """Run a tool that writes its output to the path it is given; ``dst`` appears only complete."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        _run([tools["sbsign"], "--key", str(keys.db.key), "--cert", str(keys.db.crt), "--output", tmp, str(src)],
-             f"signing {src}")
+        _run(argv(tmp), what)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def sign_efi(keys: KeySet, src: Path, dst: Path) -> None:
+    """Sign the EFI binary ``src`` with the db key (sbsign) and write it to ``dst`` atomically."""
+    tools = _need_tools(("sbsign",), "sbsigntool")
+    if not src.is_file():
+        raise HadronError(f"EFI binary {src} does not exist", hint="check the path")
+    _run_to_file(lambda tmp: [tools["sbsign"], "--key", str(keys.db.key), "--cert", str(keys.db.crt),
+                              "--output", tmp, str(src)], dst, f"signing {src}")
 
 
 def verify_efi(keys: KeySet, path: Path) -> None:
@@ -379,18 +384,10 @@ def enroll_ovmf_vars(keys: KeySet, template_vars: Path, out: Path) -> None:
         raise HadronError(f"refusing to overwrite the template {template_vars}", hint="write to a copy")
     if not out.parent.is_dir():
         raise HadronError(f"output directory {out.parent} does not exist", hint="create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     guid = str(keys.owner_guid)
-    try:
-        _run([*cmd, "--input", str(template_vars), "--output", tmp,
-              # Drop whatever the template has enrolled, then enroll ours.
-              "--delete", "PK", "--delete", "KEK", "--delete", "db",
-              "--set-pk", guid, str(keys.pk.crt), "--add-kek", guid, str(keys.kek.crt),
-              "--add-db", guid, str(keys.db.crt), "--no-microsoft", "--secure-boot"],
-             f"enrolling keys into {template_vars}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    _run_to_file(lambda tmp: [*cmd, "--input", str(template_vars), "--output", tmp,
+                              # Drop whatever the template has enrolled, then enroll ours.
+                              "--delete", "PK", "--delete", "KEK", "--delete", "db",
+                              "--set-pk", guid, str(keys.pk.crt), "--add-kek", guid, str(keys.kek.crt),
+                              "--add-db", guid, str(keys.db.crt), "--no-microsoft", "--secure-boot"],
+                 out, f"enrolling keys into {template_vars}")
