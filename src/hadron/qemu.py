@@ -89,15 +89,17 @@ def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "ha
         make_root_fs(src, disk, label=label)
 
 
-def qemu_argv(kernel: Path, disk: Path, *, memory_mb: int = 1024, append: str = "") -> list[str]:
+def _machine_argv(disk: Path, memory_mb: int) -> list[str]:
+    """What every boot shares: TCG, one vCPU, the disk on virtio, a user-mode network with no way out."""
     qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
+    return [qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
+            "-drive", f"file={disk},format=raw,if=virtio",
+            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
+
+
+def qemu_argv(kernel: Path, disk: Path, *, memory_mb: int = 1024, append: str = "") -> list[str]:
     cmdline = f"console=ttyS0 root=/dev/vda rootfstype=ext4 rw panic=-1 {append}".strip()
-    return [
-        qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
-        "-kernel", str(kernel), "-append", cmdline,
-        "-drive", f"file={disk},format=raw,if=virtio",
-        "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0",
-    ]
+    return [*_machine_argv(disk, memory_mb), "-kernel", str(kernel), "-append", cmdline]
 
 
 def boot(kernel: Path, disk: Path, *, timeout: float = 300, echo: bool = True, append: str = "") -> BootResult:
@@ -116,10 +118,7 @@ def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path |
 
     ``secure-boot`` runs OVMF's Secure Boot build (SMM, secure flash) with ``vars_file`` as its
     variable store, which must hold the enrolled keys (secureboot.enroll_ovmf_vars)."""
-    qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
-    argv = [qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
-            "-drive", f"file={disk},format=raw,if=virtio",
-            "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
+    argv = _machine_argv(disk, memory_mb)
     if firmware == "bios":
         argv[1:1] = ["-machine", "q35"]
     elif firmware in ("uefi", "secure-boot"):
