@@ -14,7 +14,8 @@ from hadron.toolchain import load_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = load_recipes([ROOT / "distro" / "packages"])
-IMAGES = {n: load_image(p) for n, p in image_files(ROOT / "distro" / "images").items()}
+_FOUND = image_files(ROOT / "distro" / "images")
+IMAGES = {n: load_image(p, _FOUND) for n, p in _FOUND.items()}
 PROFILES = sorted(p.stem for p in (ROOT / "distro" / "toolchains").glob("*.toml"))
 
 

@@ -125,6 +125,38 @@ def test_setuid_outside_the_allow_list_is_refused(project: Project) -> None:
     assert project.hadron("build", "good").returncode == 0
 
 
+def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Project) -> None:
+    # "other" installs the same /usr/bin/hello and /bin/hi as "hello".
+    digest = make_tarball(mini.dist / "other-1.tar.gz", "other-1",
+                          {"hello.c": HELLO_C.replace("hello from hadron", "other wins")})
+    recipe = (mini.packages / "hello.toml").read_text().replace('name = "hello"', 'name = "other"')
+    recipe = recipe.replace("hello-1.tar.gz", "other-1.tar.gz").split("sha256 = ")[0] + f'sha256 = "{digest}"\n' + \
+        "[build]" + recipe.split("[build]")[1]
+    (mini.packages / "other.toml").write_text(recipe)
+    add_image(mini, "both", ["hello", "other"])
+    res = mini.hadron("build", "both")
+    assert res.returncode == 1 and "/usr/bin/hello is installed by both" in res.stderr
+    assert "replaces" in res.stderr
+    # A child image: the parent's packages and fields, plus its own, with one package replacing another.
+    images = mini.root / "distro" / "images"
+    (images / "child.toml").write_text(
+        'name = "child"\nextends = "mini"\nsummary = "child"\npackages = ["other"]\nboot = ["grub"]\n'
+        'replaces = { other = ["hello"] }\n')
+    info = build_image(mini, "child")
+    rootfs = Path(str(info["path"])) / "rootfs"
+    out = subprocess.run([str(rootfs / "usr/bin/hello")], capture_output=True, text=True)
+    assert out.stdout == "other wins\n"
+    comps = json.loads((rootfs / "usr/share/hadron/components.json").read_text())["components"]
+    assert {c["name"] for c in comps} == {"hello", "other"}
+    # replaces must name the image's packages; extends must name an image.
+    (images / "child.toml").write_text('name = "child"\nextends = "mini"\nsummary = "c"\nreplaces = { x = ["hello"] }\n')
+    res = mini.hadron("build", "child")
+    assert res.returncode == 1 and "replaces: x is not one of the image's packages" in res.stderr
+    (images / "child.toml").write_text('name = "child"\nextends = "nope"\nsummary = "c"\n')
+    res = mini.hadron("build", "child")
+    assert res.returncode == 1 and "extends: no image named 'nope'" in res.stderr
+
+
 def test_image_is_cached(mini: Project) -> None:
     first = build_image(mini, "mini")
     again = build_image(mini, "mini")

@@ -298,6 +298,15 @@ def cache_gc(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path |
                    f"of {before / 1e6:.1f} MB; kept {len(keep)} outputs", err=True)
 
 
+def _check_boot_path(ctx: Context, name: str | None, boot_path: str) -> None:
+    img = name or ctx.settings.default_image
+    spec = ctx.images[img].spec if img in ctx.images else None
+    if spec is not None and boot_path not in spec.boot:
+        carriers = sorted(n for n, i in ctx.images.items() if boot_path in i.spec.boot)
+        raise HadronError(f"image {img} does not carry the {boot_path} boot path (its boot = {spec.boot})",
+                          hint=f"images that do: {', '.join(carriers) or 'none'}")
+
+
 def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
     img = name or ctx.settings.default_image
     if not img or img not in ctx.images:
@@ -323,12 +332,21 @@ def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
               help="Boot the trusted disk (systemd-boot + signed UKI) with OVMF enforcing Secure Boot with our keys "
                    "enrolled and a TPM 2.0 (swtpm); --check also compares PCR 11 with the UKI's prediction.")
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--grub", "grub_firmware", type=click.Choice(["bios", "uefi"]), default=None,
+              help="Boot the GRUB disk (image disk --boot grub) with SeaBIOS (bios) or OVMF (uefi).")
 @_guard
 def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-         as_json: bool, check: bool, timeout: float, append: str, trusted: bool, keys_dir: Path | None) -> None:
+         as_json: bool, check: bool, timeout: float, append: str, trusted: bool, keys_dir: Path | None,
+         grub_firmware: str | None) -> None:
     """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal."""
     ctx = _ctx(recipes, toolchain, cache_dir)
+    if trusted and grub_firmware:
+        raise HadronError("--trusted and --grub are two different disks", hint="give one of them")
+    if trusted or grub_firmware:
+        _check_boot_path(ctx, image, "trusted" if trusted else "grub")
     built = _built_image(ctx, image, quiet=as_json)
+    if grub_firmware:
+        _boot_grub(ctx, built, grub_firmware, check=check, timeout=timeout, append=append, as_json=as_json)
     if trusted:
         _boot_trusted(ctx, built, keys_dir, check=check, timeout=timeout, append=append, as_json=as_json)
     if not built.kernel.exists():
@@ -358,6 +376,25 @@ def _report_boot(name: str, res: qemu.BootResult, extra: dict[str, Any], *, ok: 
         click.echo(f"\nboot check: state={res.state} failed={res.failed or 'none'}; "
                    f"multi-user.target reached after {t} (QEMU start to report){more}", err=True)
     sys.exit(0 if ok else 1)
+
+
+def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, timeout: float, append: str,
+               as_json: bool) -> None:
+    import tempfile
+
+    from hadron import grubboot
+
+    tmp_root = ctx.settings.cache_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="grub-boot-", dir=tmp_root) as td:
+        work = Path(td)
+        g = grubboot.build_grub_disk(built, work / "disk.raw", check=check, cmdline_extra=append,
+                                     log=ctx.settings.cache_dir / "logs" / f"{built.name}-grub-disk.log")
+        if not check:
+            sys.exit(qemu.interactive_disk(g.path, firmware))
+        res = qemu.boot_disk(g.path, firmware, timeout=timeout, echo=not as_json)
+    _report_boot(built.name, res, {"firmware": firmware, "disk_bytes": g.size, "initramfs_bytes": g.initramfs_size},
+                 ok=res.ok, as_json=as_json)
 
 
 def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, check: bool, timeout: float,
@@ -450,19 +487,32 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
 @image.command("disk")
 @click.argument("name", required=False)
 @_common
-@click.option("--boot", "boot_path", type=click.Choice(["trusted"]), default="trusted", show_default=True,
-              help="trusted: systemd-boot + signed UKI on the ESP, for Secure Boot.")
+@click.option("--boot", "boot_path", type=click.Choice(["grub", "trusted"]), default="trusted", show_default=True,
+              help="grub: GRUB for BIOS and UEFI with a dracut initramfs; trusted: systemd-boot + signed UKI on "
+                   "the ESP, for Secure Boot.")
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Where to write the raw disk image (default out/IMAGE-BOOT.raw).")
 @_guard
 def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
                as_json: bool, boot_path: str, keys_dir: Path | None, output: Path | None) -> None:
-    """Write a GPT disk image: EFI system partition plus the root file system (ext4)."""
-    from hadron import bootimage, secureboot
+    """Write a GPT disk image with the root file system (ext4): for grub, a BIOS boot partition, an ESP
+    with GRUB and the root holding GRUB's modules, the kernel and a dracut initramfs; for trusted, an
+    ESP with signed systemd-boot and the signed UKI."""
+    from hadron import bootimage, grubboot, secureboot
 
-    ks = secureboot.load_keys(_keys_dir(keys_dir))
     ctx = _ctx(recipes, toolchain, cache_dir)
+    _check_boot_path(ctx, name, boot_path)
+    if boot_path == "grub":
+        built = _built_image(ctx, name, quiet=as_json)
+        out = output or ctx.settings.project / "out" / f"{built.name}-grub.raw"
+        g = grubboot.build_grub_disk(built, out)
+        gdoc = {"disk": str(out), "bytes": g.size, "initramfs_bytes": g.initramfs_size,
+                "root_fs_uuid": g.root_fs_uuid, "log": str(out.with_suffix(".log"))}
+        click.echo(json.dumps(gdoc, indent=2) if as_json else
+                   f"disk {out} ({g.size / 2**20:.0f} MiB; initramfs {g.initramfs_size / 2**20:.1f} MiB)")
+        return
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
     built = _built_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}-{boot_path}.raw"
     d = bootimage.build_trusted_disk(built, ks, out, epoch=ctx.settings.source_date_epoch)

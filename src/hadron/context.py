@@ -64,7 +64,7 @@ class Context:
     @cached_property
     def images(self) -> dict[str, LoadedImage]:
         found = image_files(self.settings.project / "distro" / "images")
-        images = {n: load_image(p) for n, p in found.items()}
+        images = {n: load_image(p, found) for n, p in found.items()}
         for n, img in images.items():
             if img.name != n:
                 raise HadronError(f"{img.path}: name: {img.name!r} does not match the file name {n!r}")

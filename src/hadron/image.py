@@ -15,10 +15,10 @@ import stat
 import subprocess
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -45,13 +45,18 @@ class ImageSpec(BaseModel):
     setuid_allowed: list[str] = Field(default_factory=list, description="paths allowed to be setuid/setgid")
     cmd: list[str] = Field(default_factory=lambda: ["/bin/sh"])
     strip: bool = True
+    extends: str | None = Field(default=None, description="image whose packages and files this one starts from")
+    boot: list[Literal["grub", "trusted"]] = Field(
+        default_factory=list, description="boot paths the image carries: grub (GRUB + dracut), trusted (UKI)")
+    replaces: dict[str, list[str]] = Field(
+        default_factory=dict, description="package → packages whose files of the same path it replaces")
 
 
 @dataclass(frozen=True)
 class LoadedImage:
     spec: ImageSpec
     path: Path
-    files: Path | None
+    files: tuple[Path, ...]  # files/ trees copied over the root filesystem, in order
 
     @property
     def name(self) -> str:
@@ -59,9 +64,10 @@ class LoadedImage:
 
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps(self.spec.model_dump(mode="json"), sort_keys=True).encode())
-        if self.files is not None:
-            for p in sorted(self.files.rglob("*")):
-                rel = p.relative_to(self.files).as_posix()
+        for n, files in enumerate(self.files):
+            h.update(f"T {n}\0".encode())
+            for p in sorted(files.rglob("*")):
+                rel = p.relative_to(files).as_posix()
                 if p.is_symlink():
                     h.update(f"L {rel} {os.readlink(p)}\0".encode())
                 elif p.is_file():
@@ -76,16 +82,48 @@ def image_files(directory: Path) -> dict[str, Path]:
     return recipe_files(directory, "image.toml")
 
 
-def load_image(path: Path) -> LoadedImage:
+def _read_image_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
-        spec = ImageSpec.model_validate(data)
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise HadronError(f"{path}: (syntax): {e}") from None
+
+
+def _own_files(path: Path) -> tuple[Path, ...]:
+    files = path.parent / "files"
+    return (files,) if path.name == "image.toml" and files.is_dir() else ()
+
+
+def load_image(path: Path, known: Mapping[str, Path] | None = None) -> LoadedImage:
+    """Load an image definition; with ``extends``, the parent (found in ``known``) comes first:
+    its packages then this image's, its files/ tree then this one's, its other fields unless this
+    image sets them."""
+    data = _read_image_toml(path)
+    files = _own_files(path)
+    parent_name = data.get("extends")
+    if isinstance(parent_name, str):
+        parent_path = (known or {}).get(parent_name)
+        if parent_path is None:
+            raise HadronError(f"{path}: extends: no image named {parent_name!r}",
+                              hint=f"known images: {', '.join(sorted(known or {})) or 'none'}")
+        parent = load_image(parent_path, {k: v for k, v in (known or {}).items() if k != data.get("name")})
+        merged = parent.spec.model_dump(mode="json", exclude_unset=True)
+        merged.pop("extends", None)
+        own_packages = data.get("packages", [])
+        merged.update(data)
+        if isinstance(own_packages, list):
+            merged["packages"] = [*parent.spec.packages, *(p for p in own_packages if p not in parent.spec.packages)]
+        data = merged
+        files = (*parent.files, *files)
+    try:
+        spec = ImageSpec.model_validate(data)
     except ValidationError as e:
         lines = [f"{path}: {'.'.join(map(str, er['loc'])) or '(image)'}: {er['msg']}" for er in e.errors()]
         raise HadronError("invalid image definition:\n  " + "\n  ".join(lines)) from None
-    files = path.parent / "files" if path.name == "image.toml" and (path.parent / "files").is_dir() else None
+    for pkg, losers in spec.replaces.items():
+        for n in [pkg, *losers]:
+            if n not in spec.packages:
+                raise HadronError(f"{path}: replaces: {n} is not one of the image's packages")
     return LoadedImage(spec, path, files)
 
 
@@ -115,8 +153,10 @@ Step = Callable[[ImageBuild], None]
 
 
 def copy_outputs(b: ImageBuild) -> None:
-    """Runtime outputs only, in dependency order; a path may come from one package only."""
+    """Runtime outputs only, in dependency order; a path may come from one package only, unless the
+    image says one package replaces another's files (``replaces``)."""
     owner: dict[str, str] = {}
+    replaces = b.image.spec.replaces
     b.rootfs.mkdir(parents=True)
     for name, out in b.outputs.items():
         for dirpath, dirnames, filenames in os.walk(out.runtime):
@@ -137,10 +177,17 @@ def copy_outputs(b: ImageBuild) -> None:
                 rel = (rel_base / f).as_posix()
                 dst = b.rootfs / rel
                 if dst.exists() or dst.is_symlink():
-                    raise HadronError(
-                        f"image {b.image.name}: /{rel} is installed by both {owner.get(rel, '?')} and {name}",
-                        hint="a path may belong to one package only; drop it from one package's outputs",
-                    )
+                    prev = owner.get(rel, "?")
+                    if prev in replaces.get(name, []):
+                        dst.unlink()
+                    elif name in replaces.get(prev, []):
+                        continue
+                    else:
+                        raise HadronError(
+                            f"image {b.image.name}: /{rel} is installed by both {prev} and {name}",
+                            hint="a path may belong to one package only; drop it from one package's outputs, "
+                            "or say in the image that one replaces the other (replaces = { pkg = [\"other\"] })",
+                        )
                 if src.is_symlink():
                     dst.symlink_to(os.readlink(src))
                 else:
@@ -208,9 +255,8 @@ def strip_binaries(b: ImageBuild) -> None:
 
 
 def install_files(b: ImageBuild) -> None:
-    if b.image.files is None:
-        return
-    shutil.copytree(b.image.files, b.rootfs, symlinks=True, dirs_exist_ok=True)
+    for files in b.image.files:
+        shutil.copytree(files, b.rootfs, symlinks=True, dirs_exist_ok=True)
 
 
 def write_os_release(b: ImageBuild) -> None:

@@ -42,6 +42,9 @@ class Step:
     env: Mapping[str, str]
     cwd: str = "/build"
     pass_fds: Sequence[int] = field(default_factory=tuple)
+    # A tree used as the sandbox's root (read-only) instead of the build environment: runs an
+    # image's own programs, e.g. dracut and GRUB's tools when a disk is written.
+    root: Path | None = None
 
 
 def base_env(source_date_epoch: int, home: str = "/build/.home") -> dict[str, str]:
@@ -100,7 +103,7 @@ def bwrap_argv(step: Step) -> list[str]:
         "0",
         "--gid",
         "0",
-        *_root_args(),
+        *(["--ro-bind", str(step.root), "/"] if step.root is not None else _root_args()),
         "--proc",
         "/proc",
         "--ro-bind",
