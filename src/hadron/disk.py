@@ -9,6 +9,7 @@ superblock and the root and lost+found inodes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,6 +110,24 @@ def make_gpt_disk(out: Path, partitions: Sequence[Partition], *, disk_uuid: str)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PartitionEntry:
+    start: int  # first LBA (512-byte sectors)
+    sectors: int
+    type_guid: str
+    uuid: str
+
+
+def partition_table(image: Path) -> list[PartitionEntry]:
+    """The GPT partitions of a disk image, as sfdisk reads them."""
+    sfdisk = require_tool("sfdisk", "fdisk")
+    res = subprocess.run([sfdisk, "--json", str(image)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HadronError(f"sfdisk cannot read {image}: {res.stderr.strip()}")
+    return [PartitionEntry(p["start"], p["size"], p["type"], p["uuid"])
+            for p in json.loads(res.stdout)["partitiontable"]["partitions"]]
 
 
 def _run(argv: list[str], what: str, *, env: dict[str, str] | None = None, stdin: str | None = None) -> None:

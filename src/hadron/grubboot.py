@@ -5,8 +5,8 @@ root is the image): generate the initramfs for the image's kernel with the image
 GRUB's BIOS core image and its UEFI executable with the image's grub-mkimage (each with a
 three-line early config that finds the root file system by UUID), write grub.cfg, make the ESP
 and the ext4 root file system, write the GPT disk (BIOS boot partition, ESP, root) with sfdisk,
-then embed GRUB's BIOS stage in the protective MBR and the BIOS boot partition with the image's
-grub-bios-setup, working on the disk file.
+then embed GRUB's BIOS stage in the protective MBR and the BIOS boot partition (embed_bios_grub,
+what grub-bios-setup does, on the disk file).
 
 The root file system is ext4: GRUB reads it natively (its ext2 module), the kernel has it built
 in, the system is a writable single-root system today, and mkfs.ext4 -d fills it from a directory
@@ -17,6 +17,7 @@ without mounting anything. It is found by its file-system UUID both by GRUB (``s
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,14 @@ PLATFORMS = ("i386-pc", "x86_64-efi")
 # Modules built into the core images: enough to read the GPT disk and the ext4 root and find it
 # by UUID. Everything else (normal, linux, ...) is loaded from /boot/grub/<platform> on the root.
 CORE_MODULES = {
-    "i386-pc": ["biosdisk", "part_gpt", "ext2", "search_fs_uuid"],
-    "x86_64-efi": ["part_gpt", "ext2", "search_fs_uuid"],
+    "i386-pc": ["biosdisk", "part_gpt", "ext2", "search"],
+    "x86_64-efi": ["part_gpt", "ext2", "search"],
 }
 # What dracut and GRUB's tools need in the image.
 REQUIRED = {
     "dracut": "usr/bin/dracut",
     "grub-mkimage": "usr/bin/grub-mkimage",
-    "grub-bios-setup": "usr/sbin/grub-bios-setup",
+    "GRUB's BIOS boot sector": f"{GRUB_LIB}/i386-pc/boot.img",
     "GRUB's i386-pc modules": f"{GRUB_LIB}/i386-pc/kernel.img",
     "GRUB's x86_64-efi modules": f"{GRUB_LIB}/x86_64-efi/kernel.img",
 }
@@ -73,11 +74,13 @@ def check_grub_image(img: BuiltImage) -> tuple[Path, str]:
     return kernel, release
 
 
-def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str) -> None:
-    """Run one of the image's programs with the image as a read-only root; ``out`` is writable at /out."""
+def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str,
+                 env_extra: dict[str, str] | None = None) -> None:
+    """Run one of the image's programs with the image as a read-only root; ``out`` is writable at /tmp/out."""
     env = sandbox.base_env(0, home="/tmp")
     env["PATH"] = "/usr/bin:/usr/sbin"
-    step = sandbox.Step(argv=argv, mounts=[sandbox.Mount(out, "/out", writable=True)], env=env, cwd="/", root=root)
+    env.update(env_extra or {})
+    step = sandbox.Step(argv=argv, mounts=[sandbox.Mount(out, "/tmp/out", writable=True)], env=env, cwd="/", root=root)
     with log.open("ab") as f:
         f.write(f"==> {what}: {' '.join(argv)}\n".encode())
         f.flush()
@@ -86,11 +89,18 @@ def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str) -
         raise HadronError(f"{what} failed (exit status {status})", hint=f"see the log: {log}")
 
 
+# musl has no ld.so.cache, so no ldconfig. SOURCE_DATE_EPOCH would make dracut clamp file times
+# with `find -newermt`, which busybox's find lacks; the initramfs is not byte-reproducible anyway
+# (busybox's cpio has no --reproducible).
+DRACUT_ENV = {"DRACUT_LDCONFIG": "true"}
+
+
 def make_initramfs(root: Path, release: str, out: Path, log: Path) -> Path:
     """dracut from the image, for the image's kernel, configured by the image's /etc/dracut.conf.d."""
     target = out / f"initramfs-{release}.img"
-    run_in_image(root, ["dracut", "--force", "--kver", release, "--kmoddir", f"/usr/lib/modules/{release}",
-                        "--tmpdir", "/tmp", f"/out/{target.name}"], out, log, "dracut")
+    run_in_image(root, ["env", "-u", "SOURCE_DATE_EPOCH", "dracut", "--force", "--kver", release,
+                        "--kmoddir", f"/usr/lib/modules/{release}", "--tmpdir", "/tmp", f"/tmp/out/{target.name}"],
+                 out, log, "dracut", DRACUT_ENV)
     return target
 
 
@@ -118,8 +128,8 @@ def make_grub_images(root: Path, fs_uuid: str, out: Path, log: Path) -> dict[str
     (out / "early.cfg").write_text(early_config(fs_uuid))
     made = {}
     for platform, fmt, name in (("i386-pc", "i386-pc", "core.img"), ("x86_64-efi", "x86_64-efi", "BOOTX64.EFI")):
-        run_in_image(root, ["grub-mkimage", "-O", fmt, "-d", f"/{GRUB_LIB}/{platform}", "-c", "/out/early.cfg",
-                            "-p", "/boot/grub", "-o", f"/out/{name}", *CORE_MODULES[platform]],
+        run_in_image(root, ["grub-mkimage", "-O", fmt, "-d", f"/{GRUB_LIB}/{platform}", "-c", "/tmp/out/early.cfg",
+                            "-p", "/boot/grub", "-o", f"/tmp/out/{name}", *CORE_MODULES[platform]],
                      out, log, f"grub-mkimage {platform}")
         made[platform] = out / name
     shutil.copy2(root / GRUB_LIB / "i386-pc" / "boot.img", out / "boot.img")
@@ -140,12 +150,52 @@ def install_grub_tree(tree: Path, cfg: str) -> None:
     (grub / "grub.cfg").write_text(cfg)
 
 
-def embed_bios_grub(root: Path, work: Path, log: Path) -> None:
-    """grub-bios-setup on ``work``/disk.img: boot.img into the protective MBR's boot code, core.img
-    into the BIOS boot partition (both made by make_grub_images in ``work``)."""
-    (work / "device.map").write_text("(hd0) /out/disk.img\n")
-    run_in_image(root, ["grub-bios-setup", "--directory=/out", "--device-map=/out/device.map",
-                        "--skip-fs-probe", "/out/disk.img"], work, log, "grub-bios-setup")
+# GRUB's i386-pc boot sector (include/grub/i386/pc/boot.h) and core image layout (offsets.h).
+BPB = slice(0x03, 0x5A)            # a DOS BIOS parameter block: kept from the disk
+KERNEL_SECTOR = 0x5C               # u64 LBA of core.img's first sector
+BOOT_DRIVE = 0x64                  # 0xff: use the drive the BIOS booted from
+DRIVE_CHECK = 0x66                 # a jump for floppies; NOPs on hard disks
+PARTITION_TABLE = slice(0x1B8, 0x1FE)  # disk signature and MBR partition table: kept from the disk
+BLOCKLIST_END = 512                # core.img's first sector ends with its load list, growing down
+BLOCKLIST_ENTRY = struct.Struct("<QHH")  # start LBA, sectors, load segment
+FIRST_SEGMENT = 0x800 + (512 >> 4)  # GRUB_BOOT_I386_PC_KERNEL_SEG plus the first sector
+NO_RS_LENGTH = 512 + 0x14          # u16 in core.img; 0xffff means an incompatible core.img
+MAX_CORE_SECTORS = (0x78000 - 0x9000) // 512
+
+
+def embed_bios_grub(disk_path: Path, boot_img: bytes, core_img: bytes, part_lba: int, part_sectors: int) -> None:
+    """What grub-bios-setup does for a GPT disk with a BIOS boot partition, on a disk file: core.img
+    into the partition (its first sector's load list naming the rest), boot.img into the protective
+    MBR's boot code, pointing at core.img. (grub-bios-setup itself wants the block device holding
+    its own directory, so it cannot work on a plain file.) No Reed-Solomon codes are added: the
+    partition is GRUB's alone."""
+    if len(boot_img) != 512:
+        raise HadronError(f"boot.img is {len(boot_img)} bytes, not one sector")
+    nsec = -(-len(core_img) // 512)
+    if nsec > min(part_sectors, MAX_CORE_SECTORS):
+        raise HadronError(f"core.img ({nsec} sectors) does not fit the BIOS boot partition ({part_sectors} sectors)")
+    core = bytearray(core_img.ljust(nsec * 512, b"\0"))
+    if struct.unpack_from("<H", core, NO_RS_LENGTH)[0] == 0xFFFF:
+        raise HadronError("core.img is not an i386-pc core image of this GRUB version")
+    off = BLOCKLIST_END - BLOCKLIST_ENTRY.size
+    while off > 0 and BLOCKLIST_ENTRY.unpack_from(core, off)[1] != 0:
+        core[off:off + BLOCKLIST_ENTRY.size] = bytes(BLOCKLIST_ENTRY.size)
+        off -= BLOCKLIST_ENTRY.size
+    first = BLOCKLIST_END - BLOCKLIST_ENTRY.size
+    BLOCKLIST_ENTRY.pack_into(core, first, part_lba + 1, nsec - 1, FIRST_SEGMENT)
+    BLOCKLIST_ENTRY.pack_into(core, first - BLOCKLIST_ENTRY.size, 0, 0, 0)
+    with disk_path.open("r+b") as f:
+        mbr = f.read(512)
+        boot = bytearray(boot_img)
+        boot[BPB] = mbr[BPB]
+        boot[DRIVE_CHECK:DRIVE_CHECK + 2] = b"\x90\x90"
+        boot[PARTITION_TABLE] = mbr[PARTITION_TABLE]
+        struct.pack_into("<Q", boot, KERNEL_SECTOR, part_lba)
+        boot[BOOT_DRIVE] = 0xFF
+        f.seek(part_lba * 512)
+        f.write(core)
+        f.seek(0)
+        f.write(boot)
 
 
 def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_extra: str = "",
@@ -178,7 +228,9 @@ def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_
             disk.Partition("root-x86-64", disk.ROOT_X86_64_TYPE, disk.stable_uuid(img.key, "root-partition"),
                            root_mib, rootimg),
         ], disk_uuid=disk.stable_uuid(img.key, "disk"))
-        embed_bios_grub(tree, work, log)
+        bios = disk.partition_table(disk_path)[0]
+        embed_bios_grub(disk_path, (work / "boot.img").read_bytes(), images["i386-pc"].read_bytes(),
+                        bios.start, bios.sectors)
         initramfs_size = (tree / "boot" / initramfs.name).stat().st_size
         shutil.rmtree(tree)
         disk_path.replace(out)

@@ -113,9 +113,10 @@ def bwrap_argv(step: Step) -> list[str]:
         "/dev",
         "--tmpfs",
         "/tmp",
-        "--tmpfs",
-        "/var/tmp",
     ]
+    # A read-only image root may lack /var/tmp (systemd-tmpfiles makes it at boot): no mount point.
+    if step.root is None or (step.root / "var/tmp").is_dir():
+        args += ["--tmpfs", "/var/tmp"]
     for m in step.mounts:
         args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
     args += ["--remount-ro", "/", "--chdir", step.cwd, "--clearenv"]
