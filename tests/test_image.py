@@ -149,7 +149,8 @@ def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Projec
     comps = json.loads((rootfs / "usr/share/hadron/components.json").read_text())["components"]
     assert {c["name"] for c in comps} == {"hello", "other"}
     # replaces must name the image's packages; extends must name an image.
-    (images / "child.toml").write_text('name = "child"\nextends = "mini"\nsummary = "c"\nreplaces = { x = ["hello"] }\n')
+    (images / "child.toml").write_text(
+        'name = "child"\nextends = "mini"\nsummary = "c"\nreplaces = { x = ["hello"] }\n')
     res = mini.hadron("build", "child")
     assert res.returncode == 1 and "replaces: x is not one of the image's packages" in res.stderr
     (images / "child.toml").write_text('name = "child"\nextends = "nope"\nsummary = "c"\n')
