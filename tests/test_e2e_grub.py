@@ -64,3 +64,52 @@ def test_grub_disk_boots_to_multi_user(firmware: str) -> None:
     assert info["firmware"] == firmware
     print(f"\ncore-grub via {firmware}: multi-user.target after {info['seconds_to_multi_user']} s "
           f"(disk {info['disk_bytes'] / 2**20:.0f} MiB, initramfs {info['initramfs_bytes'] / 2**20:.1f} MiB)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("losetup") is None, reason="needs root and loop devices")
+def test_bios_embedding_matches_grub_bios_setup(tmp_path: Path) -> None:
+    """Hadron's embed_bios_grub against the image's own grub-bios-setup (--no-rs-codes) on a loop
+    device: the two disks must be byte-identical. grub-bios-setup needs its directory on a block
+    device it can name, so boot.img and core.img sit on a second, loop-mounted file system."""
+    from hadron import disk, grubboot
+
+    res = hadron("build", "core-grub", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    root = Path(json.loads(res.stdout)["images"]["core-grub"]["path"]) / "rootfs"
+    work = tmp_path / "w"
+    work.mkdir()
+    log = tmp_path / "log"
+    images = grubboot.make_grub_images(root, "0000-test", work, log)
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    disk.make_gpt_disk(ours, [
+        disk.Partition("bios-boot", disk.BIOS_BOOT_TYPE, disk.stable_uuid("t", "b"), 1),
+        disk.Partition("root", disk.ROOT_X86_64_TYPE, disk.stable_uuid("t", "r"), 4),
+    ], disk_uuid=disk.stable_uuid("t", "d"))
+    shutil.copy(ours, theirs)
+    bios = disk.partition_table(ours)[0]
+    grubboot.embed_bios_grub(ours, (work / "boot.img").read_bytes(), images["i386-pc"].read_bytes(),
+                             bios.start, bios.sectors)
+    fs, mnt = tmp_path / "dir.ext4", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "8M", str(fs)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(fs)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], check=True)
+    target = ""
+    try:
+        shutil.copy(work / "boot.img", mnt / "boot.img")
+        shutil.copy(images["i386-pc"], mnt / "core.img")
+        source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        target = subprocess.run(["losetup", "-f", "--show", str(theirs)], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        (tmp_path / "device.map").write_text(f"(hd0) {target}\n(hd1) {source}\n")
+        loader = root / "usr/lib/libc.so"  # musl's dynamic loader, run as a program
+        setup = subprocess.run([str(loader), str(root / "usr/sbin/grub-bios-setup"), "--no-rs-codes",
+                                "--skip-fs-probe", "-m", str(tmp_path / "device.map"), "-d", str(mnt), target],
+                               capture_output=True, text=True)
+        assert setup.returncode == 0, setup.stderr
+    finally:
+        if target:
+            subprocess.run(["losetup", "-d", target], check=False)
+        subprocess.run(["umount", str(mnt)], check=False)
+    assert ours.read_bytes() == theirs.read_bytes()
