@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hadron import disk, measure, qemu, secureboot, uki
 from hadron.errors import HadronError, require_tool
-from hadron.imagebuild import BuiltImage
+from hadron.imagebuild import BuiltImage, find_kernel
 
 STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
@@ -46,11 +46,7 @@ class TrustedDisk:
 
 def find_boot_files(img: BuiltImage) -> BootFiles:
     """The files the trusted path needs from the image, or a clear error naming what is missing."""
-    release = str(img.record.get("kernel_release") or "")
-    kernel = img.rootfs / "boot" / f"vmlinuz-{release}"
-    if not release or not kernel.is_file():
-        raise HadronError(f"image {img.name} has no kernel (/boot/vmlinuz-<release>)",
-                          hint="set `kernel = ...` in the image definition")
+    kernel, release = find_kernel(img)
     files = {"stub": img.rootfs / STUB, "systemd_boot": img.rootfs / SYSTEMD_BOOT,
              "os_release": img.rootfs / OS_RELEASE}
     for what, p in files.items():

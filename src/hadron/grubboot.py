@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hadron import disk, qemu, sandbox
 from hadron.errors import HadronError
-from hadron.imagebuild import BuiltImage
+from hadron.imagebuild import BuiltImage, find_kernel
 
 ESP_MIB = 64
 BIOS_BOOT_MIB = 1
@@ -53,15 +53,6 @@ class GrubDisk:
     kernel_release: str
     initramfs_size: int
     size: int
-
-
-def find_kernel(img: BuiltImage) -> tuple[Path, str]:
-    release = str(img.record.get("kernel_release") or "")
-    kernel = img.rootfs / "boot" / f"vmlinuz-{release}"
-    if not release or not kernel.is_file():
-        raise HadronError(f"image {img.name} has no kernel (/boot/vmlinuz-<release>)",
-                          hint="set `kernel = ...` in the image definition")
-    return kernel, release
 
 
 def check_grub_image(img: BuiltImage) -> tuple[Path, str]:
@@ -127,8 +118,8 @@ def make_grub_images(root: Path, fs_uuid: str, out: Path, log: Path) -> dict[str
     """core.img (BIOS, with the image's boot.img next to it) and BOOTX64.EFI, by grub-mkimage."""
     (out / "early.cfg").write_text(early_config(fs_uuid))
     made = {}
-    for platform, fmt, name in (("i386-pc", "i386-pc", "core.img"), ("x86_64-efi", "x86_64-efi", "BOOTX64.EFI")):
-        run_in_image(root, ["grub-mkimage", "-O", fmt, "-d", f"/{GRUB_LIB}/{platform}", "-c", "/tmp/out/early.cfg",
+    for platform, name in (("i386-pc", "core.img"), ("x86_64-efi", "BOOTX64.EFI")):
+        run_in_image(root, ["grub-mkimage", "-O", platform, "-d", f"/{GRUB_LIB}/{platform}", "-c", "/tmp/out/early.cfg",
                             "-p", "/boot/grub", "-o", f"/tmp/out/{name}", *CORE_MODULES[platform]],
                      out, log, f"grub-mkimage {platform}")
         made[platform] = out / name

@@ -41,6 +41,16 @@ class BuiltImage:
         return self.rootfs / "boot" / "vmlinuz"
 
 
+def find_kernel(img: BuiltImage) -> tuple[Path, str]:
+    """The image's kernel (/boot/vmlinuz-<release>) and release, or an error saying how to get one."""
+    release = str(img.record.get("kernel_release") or "")
+    kernel = img.rootfs / "boot" / f"vmlinuz-{release}"
+    if not release or not kernel.is_file():
+        raise HadronError(f"image {img.name} has no kernel (/boot/vmlinuz-<release>)",
+                          hint="set `kernel = ...` in the image definition")
+    return kernel, release
+
+
 def image_packages(ctx: Context, image: LoadedImage) -> list[str]:
     """The image's packages and everything they need at run time (not build-only inputs)."""
     todo = list(image.spec.packages) + ([image.spec.kernel] if image.spec.kernel else [])
