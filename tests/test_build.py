@@ -201,3 +201,33 @@ def test_gc_removes_unreferenced_outputs(three: Project) -> None:
     assert json.loads(res.stdout)["removed"] == 1
     assert len(list((three.cache / "outputs").iterdir())) == 4
     assert set(statuses(three.hadron("build", "--json", check=True).stdout).values()) == {"cached"}
+
+
+def test_key_covers_generated_steps_and_toolchain_profile(three: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build-system helper change (the shell steps it generates) and a toolchain profile change
+    (its environment, not just its name) must change the cache key of what they reach."""
+    from dataclasses import replace
+
+    from hadron import buildsys
+    from hadron.config import load_settings
+    from hadron.context import Context
+    from hadron.toolchain import Toolchain
+
+    three.hadron("build", check=True)
+
+    def key_of(name: str) -> str | None:
+        ctx = Context(load_settings(project=three.root, cache_dir=three.cache))
+        return ctx.planner.resolve_cached([name])[1].get(name)
+
+    before = key_of("solo")
+    assert before is not None and key_of("solo") == before
+    orig = buildsys.phases
+    monkeypatch.setattr(buildsys, "phases", lambda r, check=True: [
+        replace(p, script=p.script + "# a helper change\n") for p in orig(r, check=check)])
+    assert key_of("solo") not in (None, before)
+    monkeypatch.setattr(buildsys, "phases", orig)
+    assert key_of("solo") == before
+    base = Toolchain("cross", ("gcc-cross",), ("/sysroot/toolchain/bin",), {"CFLAGS": "-O2"})
+    assert base.digest() == Toolchain("cross", ("gcc-cross",), ("/sysroot/toolchain/bin",), {"CFLAGS": "-O2"}).digest()
+    assert base.digest() != replace(base, env={"CFLAGS": "-O3"}).digest()
+    assert base.digest() != replace(base, path=("/other",)).digest()

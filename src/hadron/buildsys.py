@@ -8,6 +8,7 @@ folder at ``/recipe``, the dependencies' outputs merged at ``/sysroot``, the bui
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from dataclasses import dataclass
 
@@ -120,6 +121,15 @@ def phases(recipe: Recipe, *, check: bool = True) -> list[Phase]:
         cwd = 'cd "$SRCDIR"\n' if srcdir(recipe).startswith(TREE) else ""
         add("check", cwd + recipe.check.command, jobserver=not isinstance(b, MesonBuild | CMakeBuild))
     return out
+
+
+def steps_digest(recipe: Recipe) -> str:
+    """The shell steps the helper generates for ``recipe`` (the check phase excluded: it does not
+    shape the output). Part of the cache key, so a helper change rebuilds what it changes."""
+    h = hashlib.sha256()
+    for p in phases(recipe, check=False):
+        h.update(f"{p.name}\0{p.uses_jobserver}\0{p.script}\0".encode())
+    return h.hexdigest()
 
 
 def kbuild_fragment_problems(config_text: str, fragments: dict[str, str]) -> list[str]:

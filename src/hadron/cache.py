@@ -41,6 +41,7 @@ OUTPUTS = ("runtime", "dev")
 def compute_key(
     *,
     recipe_digest: str,
+    steps_digest: str,
     source_digests: list[str],
     input_digests: dict[str, str],
     env_identity: str,
@@ -50,6 +51,7 @@ def compute_key(
     doc = {
         "logic": BUILD_LOGIC_VERSION,
         "recipe": recipe_digest,
+        "steps": steps_digest,
         "sources": source_digests,
         "inputs": dict(sorted(input_digests.items())),
         "env": env_identity,

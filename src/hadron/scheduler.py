@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from hadron import buildsys
 from hadron.cache import Cache, Output, compute_key
 from hadron.config import EnvIdentity, Settings, missing_tools_error
 from hadron.errors import HadronError
@@ -107,10 +108,11 @@ class Planner:
         lr = self.graph.recipes[name]
         return compute_key(
             recipe_digest=lr.digest(),
+            steps_digest=buildsys.steps_digest(lr.recipe),
             source_digests=self.source_digests(name),
             input_digests={d: outputs[d].digest() for d in self.inputs(name)},
             env_identity=self.envid.identity(self.host_tools(name)),
-            toolchain=self.toolchain.name if lr.recipe.depends.toolchain else "none",
+            toolchain=self.toolchain.digest() if lr.recipe.depends.toolchain else "none",
             arch=self.settings.arch,
         )
 

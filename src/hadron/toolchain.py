@@ -8,6 +8,8 @@ no extra packages — is built in and used for engine tests.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,12 @@ class Toolchain:
     path: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     host_tools: tuple[str, ...] = ()
+
+    def digest(self) -> str:
+        """The profile's content: a changed compiler flag or prefix must change every key it reaches."""
+        doc = {"name": self.name, "packages": list(self.packages), "path": list(self.path),
+               "env": dict(sorted(self.env.items())), "host_tools": list(self.host_tools)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def step_env(self) -> dict[str, str]:
         # HADRON_RUN: a command prefix that runs a target program on the build machine (checks).
