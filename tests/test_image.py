@@ -156,6 +156,10 @@ def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Projec
     (images / "child.toml").write_text('name = "child"\nextends = "nope"\nsummary = "c"\n')
     res = mini.hadron("build", "child")
     assert res.returncode == 1 and "extends: no image named 'nope'" in res.stderr
+    (images / "child.toml").write_text('name = "child"\nextends = "loop"\nsummary = "c"\n')
+    (images / "loop.toml").write_text('name = "loop"\nextends = "child"\nsummary = "l"\n')
+    res = mini.hadron("build", "child")
+    assert res.returncode == 1 and "extends: a cycle: " in res.stderr
 
 
 def test_image_is_cached(mini: Project) -> None:

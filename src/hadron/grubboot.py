@@ -66,11 +66,16 @@ def check_grub_image(img: BuiltImage) -> tuple[Path, str]:
 
 
 def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str,
-                 env_extra: dict[str, str] | None = None) -> None:
-    """Run one of the image's programs with the image as a read-only root; ``out`` is writable at /tmp/out."""
+                 env_extra: dict[str, str | None] | None = None) -> None:
+    """Run one of the image's programs with the image as a read-only root; ``out`` is writable at
+    /tmp/out. ``env_extra`` adds variables, or removes those given as None."""
     env = sandbox.base_env(0, home="/tmp")
     env["PATH"] = "/usr/bin:/usr/sbin"
-    env.update(env_extra or {})
+    for k, v in (env_extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     step = sandbox.Step(argv=argv, mounts=[sandbox.Mount(out, "/tmp/out", writable=True)], env=env, cwd="/", root=root)
     with log.open("ab") as f:
         f.write(f"==> {what}: {' '.join(argv)}\n".encode())
@@ -83,13 +88,13 @@ def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str,
 # musl has no ld.so.cache, so no ldconfig. SOURCE_DATE_EPOCH would make dracut clamp file times
 # with `find -newermt`, which busybox's find lacks; the initramfs is not byte-reproducible anyway
 # (busybox's cpio has no --reproducible).
-DRACUT_ENV = {"DRACUT_LDCONFIG": "true"}
+DRACUT_ENV: dict[str, str | None] = {"DRACUT_LDCONFIG": "true", "SOURCE_DATE_EPOCH": None}
 
 
 def make_initramfs(root: Path, release: str, out: Path, log: Path) -> Path:
     """dracut from the image, for the image's kernel, configured by the image's /etc/dracut.conf.d."""
     target = out / f"initramfs-{release}.img"
-    run_in_image(root, ["env", "-u", "SOURCE_DATE_EPOCH", "dracut", "--force", "--kver", release,
+    run_in_image(root, ["dracut", "--force", "--kver", release,
                         "--kmoddir", f"/usr/lib/modules/{release}", "--tmpdir", "/tmp", f"/tmp/out/{target.name}"],
                  out, log, "dracut", DRACUT_ENV)
     return target

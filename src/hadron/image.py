@@ -94,7 +94,7 @@ def _own_files(path: Path) -> tuple[Path, ...]:
     return (files,) if path.name == "image.toml" and files.is_dir() else ()
 
 
-def load_image(path: Path, known: Mapping[str, Path] | None = None) -> LoadedImage:
+def load_image(path: Path, known: Mapping[str, Path] | None = None, _chain: tuple[str, ...] = ()) -> LoadedImage:
     """Load an image definition; with ``extends``, the parent (found in ``known``) comes first:
     its packages then this image's, its files/ tree then this one's, its other fields unless this
     image sets them."""
@@ -102,11 +102,14 @@ def load_image(path: Path, known: Mapping[str, Path] | None = None) -> LoadedIma
     files = _own_files(path)
     parent_name = data.get("extends")
     if isinstance(parent_name, str):
+        chain = (*_chain, str(data.get("name", path.parent.name)))
+        if parent_name in chain:
+            raise HadronError(f"{path}: extends: a cycle: {' → '.join((*chain, parent_name))}")
         parent_path = (known or {}).get(parent_name)
         if parent_path is None:
             raise HadronError(f"{path}: extends: no image named {parent_name!r}",
                               hint=f"known images: {', '.join(sorted(known or {})) or 'none'}")
-        parent = load_image(parent_path, {k: v for k, v in (known or {}).items() if k != data.get("name")})
+        parent = load_image(parent_path, known, chain)
         merged = parent.spec.model_dump(mode="json", exclude_unset=True)
         merged.pop("extends", None)
         own_packages = data.get("packages", [])
