@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hadron import bootimage, secureboot, uki
+from hadron.boot import secureboot, uki
+from hadron.boot import trusted as bootimage
 from hadron.errors import HadronError
-from hadron.imagebuild import BuiltImage
+from hadron.image.build import BuiltImage
 
 HOST_EFI = Path("/usr/lib/systemd/boot/efi")
 TOOLS = ("sbsign", "sbverify", "cert-to-efi-sig-list", "sign-efi-sig-list", "sfdisk", "mcopy", "mkfs.fat")

@@ -208,10 +208,10 @@ def test_key_covers_generated_steps_and_toolchain_profile(three: Project, monkey
     (its environment, not just its name) must change the cache key of what they reach."""
     from dataclasses import replace
 
-    from hadron import buildsys
     from hadron.config import load_settings
     from hadron.context import Context
-    from hadron.toolchain import Toolchain
+    from hadron.engine import buildsys
+    from hadron.engine.toolchain import Toolchain
 
     three.hadron("build", check=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hadron import disk
+from hadron.boot import disk
 from hadron.errors import HadronError
 
 pytestmark = pytest.mark.skipif(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hadron.graph import Graph
-from hadron.image import image_files, load_image
-from hadron.recipe import load_recipes
-from hadron.toolchain import load_toolchain
+from hadron.engine.graph import Graph
+from hadron.engine.recipe import load_recipes
+from hadron.engine.toolchain import load_toolchain
+from hadron.image.definition import image_files, load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = load_recipes([ROOT / "distro" / "packages"])

@@ -71,7 +71,8 @@ def test_bios_embedding_matches_grub_bios_setup(tmp_path: Path) -> None:
     """Hadron's embed_bios_grub against the image's own grub-bios-setup (--no-rs-codes) on a loop
     device: the two disks must be byte-identical. grub-bios-setup needs its directory on a block
     device it can name, so boot.img and core.img sit on a second, loop-mounted file system."""
-    from hadron import disk, grubboot
+    from hadron.boot import disk
+    from hadron.boot import grub as grubboot
 
     res = hadron("build", "core-grub", "--json")
     assert res.returncode == 0, res.stderr[-3000:]

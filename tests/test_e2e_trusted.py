@@ -54,7 +54,7 @@ def test_signed_uki_boots_with_secure_boot_and_pcr11_matches(keys: Path) -> None
 
 
 def test_tampered_uki_is_refused_by_the_firmware(keys: Path, tmp_path: Path) -> None:
-    from hadron import qemu, secureboot
+    from hadron.boot import qemu, secureboot
 
     out = tmp_path / "trusted.raw"
     res = hadron("image", "disk", "core", "--boot", "trusted", "--keys", str(keys), "-o", str(out), "--json")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Project
-from hadron.faults import POINTS
+from hadron.engine.faults import POINTS
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 

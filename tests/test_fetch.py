@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from hadron.engine.fetch import SourceStore, fetch_source
+from hadron.engine.mirrors import TemplateProvider
+from hadron.engine.recipe import Source
 from hadron.errors import FetchError
-from hadron.fetch import SourceStore, fetch_source
-from hadron.mirrors import TemplateProvider
-from hadron.recipe import Source
 from synth import http_server
 
 

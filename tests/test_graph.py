@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hadron.graph import CycleError, Graph
-from hadron.recipe import load_recipes
+from hadron.engine.graph import CycleError, Graph
+from hadron.engine.recipe import load_recipes
 
 
 def recipe(name: str, build: list[str], run: list[str] | None = None) -> str:

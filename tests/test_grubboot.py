@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hadron import disk, grubboot
+from hadron.boot import disk
+from hadron.boot import grub as grubboot
 from hadron.errors import HadronError
-from hadron.imagebuild import BuiltImage
+from hadron.image.build import BuiltImage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Project
-from hadron.jobs import JobServer
+from hadron.engine.jobs import JobServer
 from synth import make_tarball
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")

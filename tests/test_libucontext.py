@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hadron.recipe import CustomBuild, load_recipes
+from hadron.engine.recipe import CustomBuild, load_recipes
 
 PACKAGES = Path(__file__).resolve().parents[1] / "distro" / "packages"
 SRC = PACKAGES / "libucontext" / "src"

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hadron import measure
+from hadron.boot import measure
 from hadron.errors import HadronError
 
 SYSTEMD_MEASURE = Path("/usr/lib/systemd/systemd-measure")

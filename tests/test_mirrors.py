@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from hadron.engine.mirrors import DebianProvider, apt_debian_uris, make_providers, pool_prefix
+from hadron.engine.recipe import MirrorAlternative, Source
 from hadron.errors import HadronError
-from hadron.mirrors import DebianProvider, apt_debian_uris, make_providers, pool_prefix
-from hadron.recipe import MirrorAlternative, Source
 
 SHA = "a" * 64
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hadron.engine.recipe import load_recipes, parse_recipe
 from hadron.errors import RecipeError
-from hadron.recipe import load_recipes, parse_recipe
 
 GOOD = '''
 name = "zlib"

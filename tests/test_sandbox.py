@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hadron import sandbox
-from hadron.sandbox import Mount, Step
+from hadron.engine import sandbox
+from hadron.engine.sandbox import Mount, Step
 
 pytestmark = pytest.mark.skipif(sandbox.bwrap_path() is None, reason="bubblewrap is not installed")
 

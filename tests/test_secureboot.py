@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from hadron import secureboot
+from hadron.boot import secureboot
 from hadron.errors import HadronError
 
 STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from hadron import measure, uki
+from hadron.boot import measure, uki
 from hadron.errors import HadronError
 from test_measure import MeasureTool, measure_tool  # noqa: F401  (session fixture shared with test_measure)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hadron.mirrors import apt_debian_uris
+from hadron.engine.mirrors import apt_debian_uris
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,15 +12,18 @@ from typing import Any, TypeVar
 
 import click
 
-from hadron import __version__, oci, qemu, sandbox
-from hadron.cache import tree_size
+from hadron import __version__
+from hadron.boot import qemu
 from hadron.config import load_settings
 from hadron.context import Context
+from hadron.engine import sandbox
+from hadron.engine.cache import tree_size
+from hadron.engine.fetch import fetch_recipe
+from hadron.engine.progress import Reporter
+from hadron.engine.scheduler import Result, Scheduler, Summary
 from hadron.errors import HadronError, RecipeError
-from hadron.fetch import fetch_recipe
-from hadron.imagebuild import BuiltImage, build_image, image_packages
-from hadron.progress import Reporter
-from hadron.scheduler import Result, Scheduler, Summary
+from hadron.image import oci
+from hadron.image.build import BuiltImage, build_image, image_packages
 
 F = TypeVar("F", bound=Callable[..., Any])
 KEYS_HELP = "Key directory made by `hadron keys generate` (default $HADRON_KEYS or ./keys)."
@@ -382,7 +385,7 @@ def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, t
                as_json: bool) -> None:
     import tempfile
 
-    from hadron import grubboot
+    from hadron.boot import grub as grubboot
 
     tmp_root = ctx.settings.cache_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -401,7 +404,8 @@ def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, che
                   append: str, as_json: bool) -> None:
     import tempfile
 
-    from hadron import bootimage, secureboot
+    from hadron.boot import secureboot
+    from hadron.boot import trusted as bootimage
 
     ks = secureboot.load_keys(_keys_dir(keys_dir))
     tmp_root = ctx.settings.cache_dir / "tmp"
@@ -451,7 +455,7 @@ def keys() -> None:
 @_guard
 def keys_generate(directory: Path | None, force: bool) -> None:
     """Create TEST keys: PK, KEK and db (key, certificate, ESL, signed .auth) and the PCR 11 policy key."""
-    from hadron import secureboot
+    from hadron.boot import secureboot
 
     ks = secureboot.generate_keys(_keys_dir(directory), force=force)
     click.echo(f"test keys written to {ks.directory} (PK, KEK, db, TPM PCR policy key); do not ship them")
@@ -472,7 +476,8 @@ def image() -> None:
 def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
               as_json: bool, keys_dir: Path | None, output: Path | None) -> None:
     """Assemble the image's signed Unified Kernel Image (PCR 11 policy signed, Secure Boot signed)."""
-    from hadron import bootimage, secureboot
+    from hadron.boot import secureboot
+    from hadron.boot import trusted as bootimage
 
     ks = secureboot.load_keys(_keys_dir(keys_dir))
     ctx = _ctx(recipes, toolchain, cache_dir)
@@ -499,7 +504,9 @@ def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | Non
     """Write a GPT disk image with the root file system (ext4): for grub, a BIOS boot partition, an ESP
     with GRUB and the root holding GRUB's modules, the kernel and a dracut initramfs; for trusted, an
     ESP with signed systemd-boot and the signed UKI."""
-    from hadron import bootimage, grubboot, secureboot
+    from hadron.boot import grub as grubboot
+    from hadron.boot import secureboot
+    from hadron.boot import trusted as bootimage
 
     ctx = _ctx(recipes, toolchain, cache_dir)
     _check_boot_path(ctx, name, boot_path)

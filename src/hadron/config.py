@@ -166,7 +166,7 @@ def load_settings(
 
 
 def sandbox_path(settings: Settings) -> str:
-    from hadron.sandbox import SANDBOX_PATH
+    from hadron.engine.sandbox import SANDBOX_PATH
 
     return ":".join([*settings.extra_path, SANDBOX_PATH])
 

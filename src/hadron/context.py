@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from hadron.cache import Cache
 from hadron.config import Settings
+from hadron.engine.cache import Cache
+from hadron.engine.executor import LocalExecutor
+from hadron.engine.fetch import SourceStore
+from hadron.engine.graph import Graph
+from hadron.engine.jobs import JobServer
+from hadron.engine.mirrors import MirrorProvider, make_providers
+from hadron.engine.recipe import LoadedRecipe, load_recipes
+from hadron.engine.scheduler import Planner
+from hadron.engine.toolchain import Toolchain, load_toolchain
 from hadron.errors import HadronError
-from hadron.executor import LocalExecutor
-from hadron.fetch import SourceStore
-from hadron.graph import Graph
-from hadron.image import LoadedImage, image_files, load_image
-from hadron.jobs import JobServer
-from hadron.mirrors import MirrorProvider, make_providers
-from hadron.recipe import LoadedRecipe, load_recipes
-from hadron.scheduler import Planner
-from hadron.toolchain import Toolchain, load_toolchain
+from hadron.image.definition import LoadedImage, image_files, load_image
 
 
 @dataclass

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hadron import BUILD_LOGIC_VERSION, faults
+from hadron import BUILD_LOGIC_VERSION
+from hadron.engine import faults
 from hadron.errors import HadronError
 
 OUTPUTS = ("runtime", "dev")

@@ -22,9 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron import disk, qemu, sandbox
+from hadron.boot import disk, qemu
+from hadron.engine import sandbox
 from hadron.errors import HadronError
-from hadron.imagebuild import BuiltImage, find_kernel
+from hadron.image.build import BuiltImage, find_kernel
 
 ESP_MIB = 64
 BIOS_BOOT_MIB = 1

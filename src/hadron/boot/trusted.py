@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron import disk, measure, qemu, secureboot, uki
+from hadron.boot import disk, measure, qemu, secureboot, uki
 from hadron.errors import HadronError, require_tool
-from hadron.imagebuild import BuiltImage, find_kernel
+from hadron.image.build import BuiltImage, find_kernel
 
 STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"

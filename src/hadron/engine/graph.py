@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hadron.engine.recipe import LoadedRecipe
 from hadron.errors import HadronError
-from hadron.recipe import LoadedRecipe
 
 
 class CycleError(HadronError):

@@ -18,8 +18,8 @@ from typing import Protocol
 
 from debian.deb822 import Deb822
 
+from hadron.engine.recipe import Source
 from hadron.errors import HadronError
-from hadron.recipe import Source
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hadron.cache import Output, remove_tree
 from hadron.context import Context
+from hadron.engine.cache import Output, remove_tree
 from hadron.errors import HadronError
-from hadron.image import ImageBuild, LoadedImage, assemble, image_key
+from hadron.image.assembly import ImageBuild, assemble, image_key
+from hadron.image.definition import LoadedImage
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def copy_tree(src: Path, dest: Path) -> None:
 
 def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "hadron-root") -> None:
     """An ext4 filesystem image of ``rootfs`` (plus the check unit if asked)."""
-    from hadron.disk import make_root_fs
+    from hadron.boot.disk import make_root_fs
 
     if not check:
         make_root_fs(rootfs, disk, label=label)

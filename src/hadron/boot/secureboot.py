@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from hadron import measure
+from hadron.boot import measure
 from hadron.errors import HadronError
 
 ROLES: tuple[str, ...] = ("PK", "KEK", "db")

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from hadron import BUILD_LOGIC_VERSION, buildsys, faults, sandbox
-from hadron.cache import Cache, Output, remove_tree, split_tree
+from hadron import BUILD_LOGIC_VERSION
+from hadron.engine import buildsys, faults, sandbox
+from hadron.engine.cache import Cache, Output, remove_tree, split_tree
+from hadron.engine.fetch import Fetched
+from hadron.engine.jobs import JobServer
+from hadron.engine.recipe import KbuildBuild, LoadedRecipe
+from hadron.engine.toolchain import Toolchain
 from hadron.errors import BuildError, HadronError
-from hadron.fetch import Fetched
-from hadron.jobs import JobServer
-from hadron.recipe import KbuildBuild, LoadedRecipe
-from hadron.toolchain import Toolchain
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 
 import pefile  # type: ignore[import-untyped]
 
-from hadron import measure
+from hadron.boot import measure
 from hadron.errors import HadronError
 
 SBAT_HEADER = "sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md"

@@ -13,16 +13,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from hadron import buildsys
-from hadron.cache import Cache, Output, compute_key
 from hadron.config import EnvIdentity, Settings, missing_tools_error
+from hadron.engine import buildsys
+from hadron.engine.cache import Cache, Output, compute_key
+from hadron.engine.executor import BuildRequest, Executor
+from hadron.engine.fetch import SourceStore, fetch_recipe
+from hadron.engine.graph import Graph
+from hadron.engine.mirrors import MirrorProvider
+from hadron.engine.progress import Reporter
+from hadron.engine.toolchain import Toolchain
 from hadron.errors import HadronError
-from hadron.executor import BuildRequest, Executor
-from hadron.fetch import SourceStore, fetch_recipe
-from hadron.graph import Graph
-from hadron.mirrors import MirrorProvider
-from hadron.progress import Reporter
-from hadron.toolchain import Toolchain
 
 
 @dataclass

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hadron.engine.mirrors import Candidate, MirrorProvider
+from hadron.engine.recipe import LoadedRecipe, Source
 from hadron.errors import FetchError
-from hadron.mirrors import Candidate, MirrorProvider
-from hadron.recipe import LoadedRecipe, Source
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int | None], None]

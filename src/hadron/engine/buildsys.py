@@ -12,7 +12,7 @@ import hashlib
 import shlex
 from dataclasses import dataclass
 
-from hadron.recipe import (
+from hadron.engine.recipe import (
     AutotoolsBuild,
     CMakeBuild,
     CustomBuild,

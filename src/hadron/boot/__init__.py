@@ -1,0 +1,1 @@
+"""Bootable artifacts and boots: disks, UKI, PCR 11 measurement, Secure Boot, GRUB, QEMU."""

@@ -1,0 +1,1 @@
+"""The engine: recipes → graph → fetch → sandbox → cache → scheduler."""

@@ -1,0 +1,1 @@
+"""Images: definitions, root filesystem assembly, OCI layout, the cached image build."""

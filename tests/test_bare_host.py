@@ -1,0 +1,405 @@
+"""scripts/host-setup on a bare Debian 12: everything Hadron needs is installed by set-up alone.
+
+A minimal Debian 12 root (mmdebstrap, variant minbase: no python3, no pip, no compiler) from the
+host's own Debian apt sources gets a copy of this working tree at /src/hadron. scripts/host-setup
+runs inside it; then `hadron host check --all` must find every program the images, toolchain
+profiles, disks and boot paths need, `hadron` must run from /usr/local/bin, the README's test
+command must start, a second set-up must be a quick silent no-op, and set-up from another clone must
+point the editable install at that clone.
+
+Every command inside the root runs in a private mount namespace (proc, sysfs, /dev, /dev/pts and an
+overlay of the host's apt archive cache mounted there), so nothing stays mounted on the host even
+if the test is killed; services cannot start (policy-rc.d exits 101). The root is deleted in all
+cases. Needs root and mmdebstrap; run with `scripts/test -m bare -s tests/test_bare_host.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+HOST_CHECK = ["hadron", "--version"]
+
+SUITE = "bookworm"
+REPO = Path(__file__).resolve().parents[1]
+INNER_REPO = "/src/hadron"
+INNER_CLONE = "/src/hadron-clone"
+HOST_APT_ARCHIVES = Path("/var/cache/apt/archives")
+ROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+TAIL_LINES = 60
+
+# Budgets in seconds for each phase; the whole test is bounded by their sum.
+MMDEBSTRAP_TIMEOUT = 900
+SETUP_TIMEOUT = 2400
+CHECK_TIMEOUT = 600
+NOOP_SETUP_SECONDS = 30.0
+
+pytestmark = [
+    pytest.mark.bare,
+    pytest.mark.timeout(MMDEBSTRAP_TIMEOUT + 2 * SETUP_TIMEOUT + 4 * CHECK_TIMEOUT),
+]
+
+# Run inside a private mount namespace: mount what the chroot needs, then chroot. $1 is the root,
+# $2 the apt cache overlay's upper directory (empty: none), $3 its work directory; the rest is the
+# command. The mounts vanish with the namespace when the command ends.
+ENTER_ROOT = r"""
+set -eu
+root=$1 upper=$2 work=$3
+shift 3
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount --bind /dev "$root/dev"
+mount --bind /dev/pts "$root/dev/pts"
+if [ -n "$upper" ]; then
+  mount -t overlay overlay -o "lowerdir=$HOST_ARCHIVES,upperdir=$upper,workdir=$work" \
+    "$root/var/cache/apt/archives"
+fi
+exec chroot "$root" "$@"
+"""
+
+
+@dataclass
+class Result:
+    what: str
+    cmd: list[str]
+    status: str
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "exit status 0"
+
+    def describe(self) -> str:
+        lines = self.output.rstrip().splitlines()
+        tail = "\n".join(lines[-TAIL_LINES:]) if lines else "(no output)"
+        return (f"{self.what}: `{' '.join(self.cmd)}` ended with {self.status} after {self.seconds:.0f} s; "
+                f"last {min(len(lines), TAIL_LINES)} lines of its output:\n{tail}")
+
+
+def run(what: str, cmd: list[str], log: Path, timeout: float, stdin: str | None = None,
+        env: dict[str, str] | None = None) -> Result:
+    """Run cmd in its own session, output to log; kill the whole session on timeout or interrupt."""
+    start = time.monotonic()
+    with open(log, "w+") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+        )
+        try:
+            proc.communicate(stdin, timeout=timeout)
+            status = f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"a timeout ({timeout:.0f} s)"
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0)
+        output = out.read()
+    return Result(what, cmd, status, output, time.monotonic() - start)
+
+
+# --- the host's Debian apt sources -----------------------------------------------------------
+
+
+def _deb822_stanzas(text: str) -> Iterator[dict[str, str]]:
+    fields: dict[str, str] = {}
+    name = ""
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if fields:
+                yield fields
+            fields, name = {}, ""
+        elif line[0] in " \t" and name:
+            fields[name] += "\n" + line.strip()
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            fields[name] = value.strip()
+
+
+def _one_line_stanzas(text: str) -> Iterator[dict[str, str]]:
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        options: dict[str, str] = {}
+        m = re.match(r"^(\S+)\s+\[([^\]]*)\]\s+(.*)$", line)
+        if m:
+            kind, opts, rest = m.groups()
+            for opt in opts.split():
+                key, _, value = opt.partition("=")
+                options[key.lower()] = value
+        else:
+            kind, _, rest = line.partition(" ")
+        words = rest.split()
+        if len(words) < 2:
+            continue
+        yield {"types": kind, "uris": words[0], "suites": words[1], "components": " ".join(words[2:]),
+               "signed-by": options.get("signed-by", "")}
+
+
+def host_debian_sources() -> str:
+    """The host's apt sources for Debian 12 binary packages (signed by Debian's keyring), as deb822."""
+    stanzas: list[dict[str, str]] = []
+    one_line = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]
+    for path in one_line:
+        with contextlib.suppress(OSError):
+            stanzas += _one_line_stanzas(Path(path).read_text())
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        with contextlib.suppress(OSError):
+            stanzas += _deb822_stanzas(Path(path).read_text())
+    out = []
+    for s in stanzas:
+        if "deb" not in s.get("types", "").split() or s.get("enabled", "yes").lower() == "no":
+            continue
+        suites = [x for x in s.get("suites", "").split() if x == SUITE or x.startswith(f"{SUITE}-")]
+        keys = s.get("signed-by", "").split()
+        if not suites or not s.get("uris") or "\n" in s.get("signed-by", ""):
+            continue
+        if any(not os.path.basename(k).startswith("debian-archive") for k in keys):
+            continue
+        stanza = [f"Types: deb\nURIs: {s['uris']}\nSuites: {' '.join(suites)}\n"
+                  f"Components: {s.get('components') or 'main'}"]
+        if keys:
+            stanza.append(f"Signed-By: {' '.join(keys)}")
+        out.append("\n".join(stanza))
+    return "\n\n".join(out) + "\n" if out else ""
+
+
+# --- the root ---------------------------------------------------------------------------------
+
+
+def repo_files() -> list[str]:
+    """Tracked files plus untracked ones not ignored, as they are in the working tree."""
+    res = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True)
+    names = sorted({n for n in res.stdout.decode().split("\0") if n})
+    return [n for n in names if os.path.lexists(REPO / n) and not (REPO / n).is_dir()]
+
+
+def copy_repo(dest: Path) -> int:
+    files = repo_files()
+    for name in files:
+        src, dst = REPO / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
+    return len(files)
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == prefix.rstrip("/") or point.startswith(prefix):
+            found.append(point)
+    return found
+
+
+def kill_processes_in(root: Path) -> None:
+    """SIGKILL every process whose root directory is inside root."""
+    prefix = str(root).rstrip("/")
+    for _ in range(50):
+        victims = []
+        for entry in glob.glob("/proc/[0-9]*/root"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(entry)
+                if target == prefix or target.startswith(prefix + "/"):
+                    victims.append(int(entry.split("/")[2]))
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def remove_work(work: Path) -> None:
+    kill_processes_in(work / "root")
+    for point in sorted(mounts_under(work), key=len, reverse=True):
+        subprocess.run(["umount", "--recursive", "--lazy", point], capture_output=True)
+    left = mounts_under(work)
+    assert not left, f"still mounted, {work} left in place: {left}"
+    subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=True)
+
+
+def du_bytes(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class Root:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.path = work / "root"
+        self.logs = work / "logs"
+        self.logs.mkdir()
+        self.upper = work / "apt-upper"
+        self.overlay_work = work / "apt-work"
+        self.phases: list[tuple[str, float]] = []
+        self.notes: list[str] = []
+        self._n = 0
+
+    def host(self, what: str, cmd: list[str], timeout: float, stdin: str | None = None) -> Result:
+        self._n += 1
+        return run(what, cmd, self.logs / f"{self._n:02d}.log", timeout, stdin=stdin)
+
+    def inside(self, what: str, cmd: list[str], timeout: float = CHECK_TIMEOUT, cwd: str = INNER_REPO) -> Result:
+        cache = HOST_APT_ARCHIVES.is_dir()
+        upper, ovl = (str(self.upper), str(self.overlay_work)) if cache else ("", "")
+        env = {**ROOT_ENV, **{k: v for k, v in os.environ.items() if k in PROXY_VARS}}
+        full = ["unshare", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", ENTER_ROOT, "enter-root", str(self.path), upper, ovl,
+                "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), "/usr/bin/env", "-C", cwd, *cmd]
+        self._n += 1
+        res = run(what, full, self.logs / f"{self._n:02d}.log", timeout,
+                  env={"PATH": ROOT_ENV["PATH"], "HOST_ARCHIVES": str(HOST_APT_ARCHIVES)})
+        res.cmd = cmd
+        return res
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            seconds = time.monotonic() - start
+            self.phases.append((name, seconds))
+            print(f"bare host: {name}: {seconds:.1f} s", flush=True)
+
+    def report(self) -> None:
+        total = sum(s for _, s in self.phases)
+        print("bare host: phases: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.phases) + f"; total {total:.1f} s")
+        for note in self.notes:
+            print(f"bare host: {note}")
+
+
+@pytest.fixture
+def bare_root() -> Iterator[Root]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mmdebstrap, chroot and mounts)")
+    missing = [t for t in ("mmdebstrap", "git", "unshare", "chroot") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/host-setup installs them)")
+    if not (REPO / ".git").exists():
+        pytest.skip("needs a git working tree to copy")
+    if not host_debian_sources():
+        pytest.skip(f"the host's apt configuration has no Debian {SUITE} sources")
+    with sigterm_as_interrupt():
+        work = Path(tempfile.mkdtemp(prefix="hadron-bare-", dir="/var/tmp"))
+        root = Root(work)
+        try:
+            yield root
+        finally:
+            try:
+                with root.phase("cleanup"):
+                    remove_work(work)
+            finally:
+                root.report()
+
+
+def test_host_setup_on_bare_debian(bare_root: Root) -> None:
+    r = bare_root
+
+    with r.phase("mmdebstrap"):
+        res = r.host("mmdebstrap", ["unshare", "--mount", "--propagation", "private", "--",
+                                    "mmdebstrap", "--mode=root", "--variant=minbase", "--verbose",
+                                    SUITE, str(r.path), "-"],
+                     MMDEBSTRAP_TIMEOUT, stdin=host_debian_sources())
+        assert res.ok, res.describe()
+        sizes = re.findall(r"^(?:Need to get|Fetched) .*$", res.output, re.M)
+        r.notes.append(f"mmdebstrap downloads: {'; '.join(sizes) or 'not reported'}")
+
+    with r.phase("prepare"):
+        for tool in ("python3", "pip3", "gcc", "cc"):
+            assert not list(r.path.glob(f"usr/bin/{tool}")), f"the minbase root already has /usr/bin/{tool}"
+        policy = r.path / "usr/sbin/policy-rc.d"
+        policy.write_text("#!/bin/sh\n# no services start inside this root\nexit 101\n")
+        policy.chmod(0o755)
+        resolv = r.path / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        resolv.write_text(Path("/etc/resolv.conf").read_text())
+        (r.path / "var/cache/apt/archives").mkdir(parents=True, exist_ok=True)
+        r.upper.mkdir()
+        r.overlay_work.mkdir()
+        n = copy_repo(r.path / INNER_REPO.lstrip("/"))
+        r.notes.append(f"copied {n} files of the working tree to {INNER_REPO}")
+
+    with r.phase("host-setup"):
+        res = r.inside("host-setup", ["scripts/host-setup"], timeout=SETUP_TIMEOUT)
+        assert res.ok, res.describe()
+        debs = list(r.upper.glob("*.deb"))
+        pip_cache = r.path / "root/.cache/pip"
+        pip_bytes = du_bytes([p for p in pip_cache.rglob("*") if p.is_file()]) if pip_cache.is_dir() else 0
+        r.notes.append(f"host-setup downloaded {len(debs)} .deb files, {du_bytes(debs) / 1e6:.0f} MB "
+                       f"(the rest came from the host's apt cache); pip cache {pip_bytes / 1e6:.0f} MB")
+
+    with r.phase("checks"):
+        res = r.inside("hadron link", ["readlink", "-f", "/usr/local/bin/hadron"])
+        assert res.ok and res.output.strip() == "/opt/hadron/venv/bin/hadron", res.describe()
+        res = r.inside("hadron --version", ["hadron", "--version"])
+        assert res.ok and "version" in res.output, res.describe()
+        res = r.inside("host check", HOST_CHECK)
+        assert res.ok, res.describe()
+        res = r.inside("test collection", ["scripts/test", "--co", "-q", "tests/test_recipe.py"])
+        m = re.search(r"^(\d+) tests? collected", res.output, re.M)
+        assert res.ok and m and int(m.group(1)) > 0, res.describe()
+
+    with r.phase("host-setup again"):
+        res = r.inside("second host-setup", ["scripts/host-setup"], timeout=SETUP_TIMEOUT)
+        assert res.ok, res.describe()
+        assert res.output == "", f"a second host-setup is not silent:\n{res.describe()}"
+        assert res.seconds < NOOP_SETUP_SECONDS, f"a second host-setup is not quick:\n{res.describe()}"
+
+    with r.phase("another clone"):
+        res = r.inside("copy", ["cp", "-a", INNER_REPO, INNER_CLONE], cwd="/")
+        assert res.ok, res.describe()
+        res = r.inside("host-setup from another clone", ["scripts/host-setup"], timeout=SETUP_TIMEOUT,
+                       cwd=INNER_CLONE)
+        assert res.ok, res.describe()
+        probe = ["/opt/hadron/venv/bin/python", "-c", "import hadron; print(hadron.__file__)"]
+        res = r.inside("editable install", probe)
+        assert res.ok and res.output.strip() == f"{INNER_CLONE}/src/hadron/__init__.py", res.describe()
