@@ -9,6 +9,7 @@ from hadron.engine.fetch import SourceStore, fetch_source
 from hadron.engine.mirrors import TemplateProvider
 from hadron.engine.recipe import Source
 from hadron.errors import FetchError
+from hadron.layout import CacheLayout
 from synth import http_server
 
 
@@ -27,7 +28,7 @@ def store_files(store: SourceStore) -> list[str]:
 
 def test_fetch_verifies_and_never_downloads_twice(tmp_path: Path) -> None:
     digest = serve(tmp_path, "a.tar.gz", b"hello")
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     with http_server(tmp_path / "www") as (url, hits):
         src = Source(url=f"{url}/a.tar.gz", sha256=digest)
         f = fetch_source(store, src, [])
@@ -39,7 +40,7 @@ def test_fetch_verifies_and_never_downloads_twice(tmp_path: Path) -> None:
 
 def test_mismatch_reports_both_digests_and_leaves_nothing(tmp_path: Path) -> None:
     serve(tmp_path, "a.tar.gz", b"tampered")
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     want = hashlib.sha256(b"original").hexdigest()
     with http_server(tmp_path / "www") as (url, _hits), pytest.raises(FetchError) as ei:
         fetch_source(store, Source(url=f"{url}/a.tar.gz", sha256=want), [], where="pkg.toml: sources[0]")
@@ -51,7 +52,7 @@ def test_mismatch_reports_both_digests_and_leaves_nothing(tmp_path: Path) -> Non
 
 def test_truncated_download_is_refused(tmp_path: Path) -> None:
     (tmp_path / "www").mkdir()
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     with http_server(tmp_path / "www") as (url, _hits), \
             pytest.raises(FetchError, match="truncated download: got 100 of 1000 bytes"):
         fetch_source(store, Source(url=f"{url}/truncated/x.tar.gz", sha256="0" * 64), [])
@@ -61,7 +62,7 @@ def test_truncated_download_is_refused(tmp_path: Path) -> None:
 def test_mirror_fallback_in_order_judged_by_same_hash(tmp_path: Path) -> None:
     digest = serve(tmp_path, "good.tar.gz", b"payload")
     serve(tmp_path, "evil.tar.gz", b"evil")
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     with http_server(tmp_path / "www") as (url, hits):
         src = Source(url="http://127.0.0.1:9/unreachable.tar.gz", sha256=digest)
         mirrors = [TemplateProvider(f"{url}/missing/{{filename}}"), TemplateProvider(f"{url}/evil.tar.gz?{{sha256}}"),
@@ -72,7 +73,7 @@ def test_mirror_fallback_in_order_judged_by_same_hash(tmp_path: Path) -> None:
 
 
 def test_offline_uses_store_only(tmp_path: Path) -> None:
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     src = Source(url="http://127.0.0.1:9/x.tar.gz", sha256=hashlib.sha256(b"x").hexdigest())
     with pytest.raises(FetchError, match="--offline"):
         fetch_source(store, src, [], offline=True)
@@ -83,7 +84,7 @@ def test_offline_uses_store_only(tmp_path: Path) -> None:
 
 
 def test_store_verify_finds_corruption(tmp_path: Path) -> None:
-    store = SourceStore(tmp_path / "store")
+    store = SourceStore(CacheLayout(tmp_path / "store"))
     p = tmp_path / "x"
     p.write_bytes(b"x")
     d = hashlib.sha256(b"x").hexdigest()

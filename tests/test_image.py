@@ -15,38 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project
+from conftest import HELLO_C, Project, add_image, add_static_hello
 from synth import make_tarball
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
-
-HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from hadron"); return 0; }\n'
-
-
-def add_static_hello(p: Project, name: str = "hello", setuid: bool = False) -> None:
-    digest = make_tarball(p.dist / f"{name}-1.tar.gz", f"{name}-1", {"hello.c": HELLO_C})
-    install = (
-        'install -Dm755 hello "$DESTDIR/usr/bin/hello"\nmkdir -p "$DESTDIR/bin"\n'
-        'ln -s ../usr/bin/hello "$DESTDIR/bin/hi"'
-    )
-    if setuid:
-        install += '\nchmod 4755 "$DESTDIR/usr/bin/hello"'
-    (p.packages / f"{name}.toml").write_text(
-        f'name = "{name}"\nversion = "1"\nsummary = "static hello"\nlicense = "MIT"\n'
-        f'homepage = "https://example.org"\n[[sources]]\nurl = "{p.url}/{name}-1.tar.gz"\nsha256 = "{digest}"\n'
-        f'[build]\nsystem = "custom"\nbuild = "cc -O2 -g -static -o hello /src/hello.c"\n'
-        f"install = '''\n{install}\n'''\n[depends]\ntoolchain = false\n"
-    )
-
-
-def add_image(p: Project, name: str, packages: list[str], extra: str = "") -> None:
-    images = p.root / "distro" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    pk = ", ".join(f'"{x}"' for x in packages)
-    (images / f"{name}.toml").write_text(
-        f'name = "{name}"\nsummary = "test image"\nversion = "0.1"\npackages = [{pk}]\n'
-        f'cmd = ["/usr/bin/hello"]\n{extra}'
-    )
 
 
 def build_image(p: Project, name: str) -> dict[str, object]:
@@ -54,13 +26,6 @@ def build_image(p: Project, name: str) -> dict[str, object]:
     data = json.loads(res.stdout)["images"][name]
     assert isinstance(data, dict)
     return data
-
-
-@pytest.fixture
-def mini(project: Project) -> Project:
-    add_static_hello(project)
-    add_image(project, "mini", ["hello"])
-    return project
 
 
 def test_image_layout_rootfs_and_oci(mini: Project, tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The ``hadron`` command line."""
+"""The ``hadron`` command line: parses, calls the build service and the stage modules, prints.
+
+Only click and the standard library are imported up front: a no-op ``hadron build`` is answered by
+:mod:`hadron.noop` before any recipe, schema or build module is loaded.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,21 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from hadron import __version__
-from hadron.boot import qemu
-from hadron.config import load_settings
-from hadron.context import Context
-from hadron.engine import sandbox
-from hadron.engine.cache import tree_size
-from hadron.engine.fetch import fetch_recipe
-from hadron.engine.progress import Reporter
-from hadron.engine.scheduler import Result, Scheduler, Summary
 from hadron.errors import HadronError, RecipeError
-from hadron.image import oci
-from hadron.image.build import BuiltImage, build_image, image_packages
+
+if TYPE_CHECKING:
+    from hadron.boot.qemu import BootResult
+    from hadron.context import Context
+    from hadron.image.build import BuiltImage
 
 F = TypeVar("F", bound=Callable[..., Any])
 KEYS_HELP = "Key directory made by `hadron keys generate` (default $HADRON_KEYS or ./keys)."
+DEFAULT_TARGETS = "default: the default image of hadron.toml, or every package if it names none"
 
 
 def _keys_dir(keys: Path | None) -> Path:
@@ -38,13 +38,29 @@ def _common(f: F) -> F:
                      help="Extra recipe directory; adds or overrides recipes by name (repeatable).")(f)
     f = click.option("--toolchain", default=None, help="Toolchain profile (default from hadron.toml).")(f)
     f = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-                     help="Cache root (default $HADRON_CACHE or ~/.cache/hadron).")(f)
+                     help="Cache root (default $HADRON_CACHE, else cache_dir in hadron.toml, else ~/.cache/hadron).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     return f
 
 
-def _ctx(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, **kw: Any) -> Context:
-    return Context(load_settings(extra_recipes=list(recipes), toolchain=toolchain, cache_dir=cache_dir, **kw))
+def _build_options(f: F) -> F:
+    """The options of every verb that builds: the same names, defaults and meaning everywhere."""
+    f = click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None,
+                     help="CPU budget shared by all builds  [default: the number of cores]")(f)
+    f = click.option("--offline", is_flag=True, help="Use only sources already in the store.")(f)
+    f = click.option("--keep-going/--fail-fast", default=True, show_default=True,
+                     help="After a failure, keep building packages that do not depend on it.")(f)
+    f = click.option("--no-check", is_flag=True, help="Skip the recipes' check steps.")(f)
+    return f
+
+
+def _ctx(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, *, jobs: int | None = None,
+         offline: bool = False, keep_going: bool = True, no_check: bool = False) -> Context:
+    from hadron.config import load_settings
+    from hadron.context import Context
+
+    return Context(load_settings(extra_recipes=list(recipes), toolchain=toolchain, cache_dir=cache_dir, jobs=jobs,
+                                 offline=offline, keep_going=keep_going, check=not no_check))
 
 
 def _guard(f: F) -> F:
@@ -78,77 +94,41 @@ def main() -> None:
 @main.command()
 @click.argument("targets", nargs=-1)
 @_common
-@click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=None, help="CPU budget (default: cores).")
-@click.option("--offline", is_flag=True, help="Use only sources already in the store.")
-@click.option("--keep-going/--fail-fast", default=True, show_default=True,
-              help="After a failure, keep building packages that do not depend on it.")
-@click.option("--no-check", is_flag=True, help="Skip the recipes' check steps.")
+@_build_options
 @_guard
 def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
           as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool) -> None:
-    """Build TARGETS (packages or images; default: the default image of hadron.toml) and what they need."""
-    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going)
-    names = list(targets) or ctx.default_targets()
-    image_names = [n for n in names if n in ctx.images]
-    packages = _expand_images(ctx, names)
-    ctx.graph.check_targets(packages)
-    summary = run_build(ctx, packages, run_check=not no_check, quiet=as_json)
-    built: list[BuiltImage] = []
-    if summary.ok:
-        outputs = {n: r.output for n, r in summary.results.items() if r.output is not None}
-        built = [build_image(ctx, img, outputs, quiet=as_json) for img in image_names]
-    _report(summary, as_json, built)
-    sys.exit(0 if summary.ok else 1)
+    """Build TARGETS (packages or images) and what they need (default: the default image of hadron.toml,
+    or every package if it names none)."""
+    from hadron import noop
+
+    req = noop.Request.make(targets, recipes, toolchain, cache_dir)
+    doc = noop.answer(req)
+    if doc is None:
+        from hadron import service
+
+        doc = service.build_request(req, jobs=jobs, offline=offline, keep_going=keep_going, check=not no_check,
+                                    quiet=as_json)
+    _print_build(doc, as_json)
+    sys.exit(0 if doc["ok"] else 1)
 
 
-def _expand_images(ctx: Context, names: list[str]) -> list[str]:
-    """Targets with every image replaced by the packages it contains."""
-    out: list[str] = []
-    for n in names:
-        for p in image_packages(ctx, ctx.images[n]) if n in ctx.images else [n]:
-            if p not in out:
-                out.append(p)
-    return out
-
-
-def run_build(ctx: Context, names: list[str], *, run_check: bool = True, quiet: bool = False) -> Summary:
-    outputs, keys = ctx.planner.resolve_cached(names)
-    closure = ctx.graph.closure(names)
-    if all(n in outputs for n in closure):  # fast path: nothing to do, no sandbox needed
-        summary = Summary()
-        for n in closure:
-            summary.results[n] = Result(n, "cached", keys[n], outputs[n], log=str(outputs[n].log))
-        return summary
-    sandbox.check_isolation()
-    sched = Scheduler(ctx.planner, ctx.executor, ctx.store, ctx.mirrors,
-                      lambda total: Reporter(total, quiet=quiet))
-    return sched.run(names, run_check=run_check)
-
-
-def _report(summary: Summary, as_json: bool, images: list[BuiltImage] | None = None) -> None:
-    images = images or []
+def _print_build(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({
-            "ok": summary.ok,
-            "seconds": round(summary.seconds, 3),
-            "images": {i.name: {"path": str(i.path), "key": i.key, "cached": i.cached, **i.record} for i in images},
-            "packages": {
-                n: {"status": r.status, "key": r.key, "log": r.log, "error": r.error,
-                    "output": str(r.output.path) if r.output else None}
-                for n, r in summary.results.items()
-            },
-        }, indent=2))
+        click.echo(json.dumps(doc, indent=2))
         return
-    counts = ", ".join(f"{summary.count(s)} {s}" for s in ("built", "cached", "failed", "skipped") if summary.count(s))
-    click.echo(f"{len(summary.results)} packages: {counts} ({summary.seconds:.1f}s)", err=True)
-    for r in summary.failed:
-        click.echo(f"FAILED {r.name}: {r.error}\n  log: {r.log}", err=True)
-    for i in images:
-        rec = i.record
-        click.echo(f"image {i.name} {rec['version']}{' (cached)' if i.cached else ''}: {i.path}\n"
-                   f"  rootfs {rec['rootfs_bytes'] / 1e6:.1f} MB, OCI layer {rec['oci']['layer_size'] / 1e6:.1f} MB "
-                   f"compressed, manifest {rec['oci']['manifest']}\n"
-                   f"  OCI layout: {i.oci}\n  docker archive: {i.docker_archive}", err=True)
+    pk = doc["packages"]
+    counts = ", ".join(f"{n} {s}" for s in ("built", "cached", "failed", "skipped")
+                       if (n := sum(1 for p in pk.values() if p["status"] == s)))
+    click.echo(f"{len(pk)} packages: {counts} ({doc['seconds']:.1f}s)", err=True)
+    for name, p in pk.items():
+        if p["status"] == "failed":
+            click.echo(f"FAILED {name}: {p['error']}\n  log: {p['log']}", err=True)
+    for name, i in doc["images"].items():
+        click.echo(f"image {name} {i['version']}{' (cached)' if i['cached'] else ''}: {i['path']}\n"
+                   f"  rootfs {i['rootfs_bytes'] / 1e6:.1f} MB, OCI layer {i['oci']['layer_size'] / 1e6:.1f} MB "
+                   f"compressed, manifest {i['oci']['manifest']}\n"
+                   f"  OCI layout: {i['oci_layout']}\n  docker archive: {i['docker_archive']}", err=True)
 
 
 @main.command()
@@ -158,12 +138,16 @@ def _report(summary: Summary, as_json: bool, images: list[BuiltImage] | None = N
 @_guard
 def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
           as_json: bool, offline: bool) -> None:
-    """Download and verify the sources of TARGETS and their dependencies (default: all)."""
+    """Download and verify the sources of TARGETS and everything they need (default: the default image of
+    hadron.toml, or every package if it names none)."""
+    from hadron import service
+    from hadron.engine.fetch import fetch_recipe
+
     ctx = _ctx(recipes, toolchain, cache_dir, offline=offline)
-    names = ctx.graph.closure(_expand_images(ctx, list(targets) or ctx.default_targets()))
+    packages, _images = service.expand_targets(ctx, list(targets))
     failures: list[str] = []
     report: dict[str, list[dict[str, str]]] = {}
-    for n in names:
+    for n in ctx.graph.closure(packages):
         try:
             got = fetch_recipe(ctx.store, ctx.recipes[n], ctx.mirrors, offline=offline, upstream=ctx.settings.upstream)
         except HadronError as e:
@@ -188,6 +172,8 @@ def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
 def graph(target: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
           as_json: bool, dot: bool) -> None:
     """Show the dependency tree of TARGET (default: every package)."""
+    from hadron.image.build import image_packages
+
     ctx = _ctx(recipes, toolchain, cache_dir)
     g = ctx.graph
     targets = [target] if target else sorted(ctx.recipes)
@@ -252,80 +238,59 @@ def show(package: str, recipes: tuple[Path, ...], toolchain: str | None, cache_d
 
 @main.group()
 def cache() -> None:
-    """Inspect and maintain the output cache."""
+    """Inspect and maintain the cache (sources, outputs, images)."""
 
 
 @cache.command("verify")
 @_common
 @_guard
 def cache_verify(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, as_json: bool) -> None:
-    """Re-hash every cached output and source against its manifest."""
+    """Re-hash every cached source, output and image against its digest or manifest."""
     ctx = _ctx(recipes, toolchain, cache_dir)
-    problems: list[str] = []
-    outs = ctx.cache.all_outputs()
-    for out in outs:
-        problems += ctx.cache.verify(out)
-    bad_sources = ctx.store.verify()
-    problems += [f"{ctx.store.path(d)}: content does not match its sha256 name" for d in bad_sources]
+    report = ctx.cache.verify_all(ctx.store)
     if as_json:
-        click.echo(json.dumps({"outputs": len(outs), "problems": problems}, indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
-        for p in problems:
+        for p in report["problems"]:
             click.echo(f"CORRUPT {p}", err=True)
-        click.echo(f"{len(outs)} outputs checked, {len(problems)} problem(s)", err=True)
-        if problems:
-            click.echo("hint: delete the named output directory; "
+        click.echo(f"{report['sources']} sources, {report['outputs']} outputs, {report['images']} images checked, "
+                   f"{len(report['problems'])} problem(s)", err=True)
+        if report["problems"]:
+            click.echo("hint: delete the named output or image directory (or source file); "
                        "the next build recreates it", err=True)
-    sys.exit(1 if problems else 0)
+    sys.exit(1 if report["problems"] else 0)
 
 
 @cache.command("gc")
-@_common
-@click.option("--keep-all-current/--only-targets", default=True,
-              help="Keep outputs of every package of the current recipes (default) or only TARGETS'.")
 @click.argument("targets", nargs=-1)
+@_common
+@click.option("--keep-all-current/--only-targets", default=True, show_default=True,
+              help="Keep what the current recipes and images produce for every package and image, or only for "
+                   "TARGETS (default: the default image) and what they need.")
 @_guard
-def cache_gc(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None, as_json: bool,
-             keep_all_current: bool, targets: tuple[str, ...]) -> None:
-    """Delete outputs the current recipes no longer produce, and leftovers of interrupted builds."""
+def cache_gc(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+             as_json: bool, keep_all_current: bool) -> None:
+    """Delete outputs and images the current recipes and images no longer produce (all of them, or all but
+    TARGETS' with --only-targets), and leftovers of interrupted builds and boots."""
+    from hadron import service
+
     ctx = _ctx(recipes, toolchain, cache_dir)
-    names = list(targets) or ctx.default_targets()
-    _outs, keys = ctx.planner.resolve_cached(names)
-    keep = set(keys.values())
-    before = tree_size(ctx.cache.root) if ctx.cache.root.exists() else 0
-    count, freed = ctx.cache.gc(keep)
+    if keep_all_current and targets:
+        raise HadronError("TARGETS are only used with --only-targets", hint="add --only-targets, or drop the TARGETS")
+    keep = service.current_keys(ctx, None if keep_all_current else list(targets))
+    res = ctx.cache.gc(keep.outputs, keep.images)
     if as_json:
-        click.echo(json.dumps({"removed": count, "bytes_freed": freed, "kept": len(keep)}))
+        click.echo(json.dumps({"removed": res.count, "bytes_freed": res.freed, "kept_outputs": len(keep.outputs),
+                               "kept_images": len(keep.images)}))
     else:
-        click.echo(f"removed {count} entr{'y' if count == 1 else 'ies'}, freed {freed / 1e6:.1f} MB "
-                   f"of {before / 1e6:.1f} MB; kept {len(keep)} outputs", err=True)
-
-
-def _check_boot_path(ctx: Context, name: str | None, boot_path: str) -> None:
-    img = name or ctx.settings.default_image
-    spec = ctx.images[img].spec if img in ctx.images else None
-    if spec is not None and boot_path not in spec.boot:
-        carriers = sorted(n for n, i in ctx.images.items() if boot_path in i.spec.boot)
-        raise HadronError(f"image {img} does not carry the {boot_path} boot path (its boot = {spec.boot})",
-                          hint=f"images that do: {', '.join(carriers) or 'none'}")
-
-
-def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
-    img = name or ctx.settings.default_image
-    if not img or img not in ctx.images:
-        raise HadronError(f"unknown image {img!r}", hint="images: " + (", ".join(sorted(ctx.images)) or "(none)"))
-    packages = image_packages(ctx, ctx.images[img])
-    summary = run_build(ctx, packages, quiet=quiet)
-    if not summary.ok:
-        _report(summary, False)
-        raise HadronError(f"image {img}: packages failed to build")
-    outputs = {n: r.output for n, r in summary.results.items() if r.output is not None}
-    return build_image(ctx, img, outputs, quiet=quiet)
+        click.echo(f"removed {res.count} entr{'y' if res.count == 1 else 'ies'}, freed {res.freed / 1e6:.1f} MB; "
+                   f"kept {len(keep.outputs)} outputs and {len(keep.images)} images", err=True)
 
 
 @main.command()
 @click.argument("image", required=False)
 @_common
+@_build_options
 @click.option("--check", is_flag=True,
               help="Non-interactive: report the state after multi-user.target, then power off; exit 1 unless "
                    "the system is running with zero failed units.")
@@ -339,15 +304,19 @@ def _built_image(ctx: Context, name: str | None, quiet: bool) -> BuiltImage:
               help="Boot the GRUB disk (image disk --boot grub) with SeaBIOS (bios) or OVMF (uefi).")
 @_guard
 def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-         as_json: bool, check: bool, timeout: float, append: str, trusted: bool, keys_dir: Path | None,
-         grub_firmware: str | None) -> None:
-    """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal."""
-    ctx = _ctx(recipes, toolchain, cache_dir)
+         as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool, check: bool,
+         timeout: float, append: str, trusted: bool, keys_dir: Path | None, grub_firmware: str | None) -> None:
+    """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal. Every boot
+    starts from the image: its disk is made in a work directory of its own and removed afterwards."""
+    from hadron import service
+    from hadron.boot import qemu
+
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
     if trusted and grub_firmware:
         raise HadronError("--trusted and --grub are two different disks", hint="give one of them")
     if trusted or grub_firmware:
-        _check_boot_path(ctx, image, "trusted" if trusted else "grub")
-    built = _built_image(ctx, image, quiet=as_json)
+        service.check_boot_path(ctx, image, "trusted" if trusted else "grub")
+    built = service.build_one_image(ctx, image, quiet=as_json)
     if grub_firmware:
         _boot_grub(ctx, built, grub_firmware, check=check, timeout=timeout, append=append, as_json=as_json)
     if trusted:
@@ -355,17 +324,16 @@ def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, ca
     if not built.kernel.exists():
         raise HadronError(f"image {built.name} has no kernel (/boot/vmlinuz)",
                           hint=f"set `kernel = ...` in {ctx.images[built.name].path}")
-    disk = built.path / ("check.ext4" if check else "disk.ext4")
-    if check or not disk.exists():
+    with ctx.layout.work_dir("boot") as work:
+        disk = work / "disk.ext4"
         qemu.make_disk(built.rootfs, disk, check=check)
-    if not check:
-        sys.exit(qemu.interactive(built.kernel, disk, append))
-    res = qemu.boot(built.kernel, disk, timeout=timeout, echo=not as_json, append=append)
-    disk.unlink()
+        if not check:
+            sys.exit(qemu.interactive(built.kernel, disk, append))
+        res = qemu.boot(built.kernel, disk, timeout=timeout, echo=not as_json, append=append)
     _report_boot(built.name, res, {}, ok=res.ok, as_json=as_json)
 
 
-def _report_boot(name: str, res: qemu.BootResult, extra: dict[str, Any], *, ok: bool, as_json: bool) -> None:
+def _report_boot(name: str, res: BootResult, extra: dict[str, Any], *, ok: bool, as_json: bool) -> None:
     info: dict[str, Any] = {"image": name, "state": res.state, "failed_units": res.failed, "ok": ok,
                             "seconds_to_multi_user": res.seconds_to_check,
                             "seconds_total": round(res.seconds_total, 1), **extra}
@@ -383,16 +351,11 @@ def _report_boot(name: str, res: qemu.BootResult, extra: dict[str, Any], *, ok: 
 
 def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, timeout: float, append: str,
                as_json: bool) -> None:
-    import tempfile
+    from hadron.boot import grub, qemu
 
-    from hadron.boot import grub as grubboot
-
-    tmp_root = ctx.settings.cache_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="grub-boot-", dir=tmp_root) as td:
-        work = Path(td)
-        g = grubboot.build_grub_disk(built, work / "disk.raw", check=check, cmdline_extra=append,
-                                     log=ctx.settings.cache_dir / "logs" / f"{built.name}-grub-disk.log")
+    with ctx.layout.work_dir("grub-boot") as work:
+        g = grub.build_grub_disk(built, work / "disk.raw", check=check, cmdline_extra=append,
+                                 log=ctx.layout.log(f"{built.name}-grub-disk"))
         if not check:
             sys.exit(qemu.interactive_disk(g.path, firmware))
         res = qemu.boot_disk(g.path, firmware, timeout=timeout, echo=not as_json)
@@ -402,27 +365,21 @@ def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, t
 
 def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, check: bool, timeout: float,
                   append: str, as_json: bool) -> None:
-    import tempfile
-
-    from hadron.boot import secureboot
-    from hadron.boot import trusted as bootimage
+    from hadron.boot import qemu, secureboot, trusted
 
     ks = secureboot.load_keys(_keys_dir(keys_dir))
-    tmp_root = ctx.settings.cache_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="trusted-boot-", dir=tmp_root) as td:
-        work = Path(td)
-        d = bootimage.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append,
-                                         epoch=ctx.settings.source_date_epoch)
+    with ctx.layout.work_dir("trusted-boot") as work:
+        d = trusted.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append,
+                                       epoch=ctx.settings.source_date_epoch)
         store = work / "OVMF_VARS.fd"
         secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
         if not check:
             sys.exit(qemu.interactive_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True))
         res = qemu.boot_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True, timeout=timeout,
                              echo=not as_json)
-    expected = bootimage.expected_booted_pcr11(d.uki)
+    expected = trusted.expected_booted_pcr11(d.uki)
     # The policy check: a PolicyPCR session in the booted state must be one the UKI's .pcrsig signed.
-    signed = res.pcr11 is not None and bootimage.policy_covers(d.uki, res.pcr11, ks.pcr_public_key)
+    signed = res.pcr11 is not None and trusted.policy_covers(d.uki, res.pcr11, ks.pcr_public_key)
     ok = res.ok and res.pcr11 == expected and signed
     _report_boot(built.name, res, {"pcr11": res.pcr11, "pcr11_expected": expected, "pcr11_policy_signed": signed,
                                    "disk_bytes": d.size, "uki_bytes": d.uki.size}, ok=ok, as_json=as_json)
@@ -433,12 +390,17 @@ def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, che
 @click.option("--image", "image", default=None, help="Image to push (default: the default image).")
 @click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
 @_common
+@_build_options
 @_guard
 def push(ref: str, image: str | None, tls_verify: bool, recipes: tuple[Path, ...], toolchain: str | None,
-         cache_dir: Path | None, as_json: bool) -> None:
+         cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool, keep_going: bool,
+         no_check: bool) -> None:
     """Push the image to an OCI registry as REF (e.g. registry.example/hadron/core:0.1)."""
-    ctx = _ctx(recipes, toolchain, cache_dir)
-    built = _built_image(ctx, image, quiet=as_json)
+    from hadron import service
+    from hadron.image import oci
+
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    built = service.build_one_image(ctx, image, quiet=as_json)
     oci.push(built.oci, built.record["version"], ref, tls_verify=tls_verify)
     click.echo(json.dumps({"pushed": ref, "manifest": built.record["oci"]["manifest"]}) if as_json
                else f"pushed {built.name} to {ref} ({built.record['oci']['manifest']})")
@@ -469,21 +431,23 @@ def image() -> None:
 @image.command("uki")
 @click.argument("name", required=False)
 @_common
+@_build_options
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Where to write the UKI (default out/IMAGE.efi).")
 @_guard
 def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-              as_json: bool, keys_dir: Path | None, output: Path | None) -> None:
+              as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool,
+              keys_dir: Path | None, output: Path | None) -> None:
     """Assemble the image's signed Unified Kernel Image (PCR 11 policy signed, Secure Boot signed)."""
-    from hadron.boot import secureboot
-    from hadron.boot import trusted as bootimage
+    from hadron import service
+    from hadron.boot import secureboot, trusted
 
     ks = secureboot.load_keys(_keys_dir(keys_dir))
-    ctx = _ctx(recipes, toolchain, cache_dir)
-    built = _built_image(ctx, name, quiet=as_json)
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    built = service.build_one_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}.efi"
-    info = bootimage.build_signed_uki(built, ks, out, epoch=ctx.settings.source_date_epoch)
+    info = trusted.build_signed_uki(built, ks, out, epoch=ctx.settings.source_date_epoch)
     doc = {"uki": str(out), "bytes": out.stat().st_size, "sections": list(info.written), "pcr11": info.pcr11}
     click.echo(json.dumps(doc, indent=2) if as_json else f"UKI {out} ({out.stat().st_size / 2**20:.1f} MiB): "
                + " ".join(info.written))
@@ -492,6 +456,7 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
 @image.command("disk")
 @click.argument("name", required=False)
 @_common
+@_build_options
 @click.option("--boot", "boot_path", type=click.Choice(["grub", "trusted"]), default="trusted", show_default=True,
               help="grub: GRUB for BIOS and UEFI with a dracut initramfs; trusted: systemd-boot + signed UKI on "
                    "the ESP, for Secure Boot.")
@@ -500,29 +465,71 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
               help="Where to write the raw disk image (default out/IMAGE-BOOT.raw).")
 @_guard
 def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-               as_json: bool, boot_path: str, keys_dir: Path | None, output: Path | None) -> None:
+               as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool, boot_path: str,
+               keys_dir: Path | None, output: Path | None) -> None:
     """Write a GPT disk image with the root file system (ext4): for grub, a BIOS boot partition, an ESP
     with GRUB and the root holding GRUB's modules, the kernel and a dracut initramfs; for trusted, an
     ESP with signed systemd-boot and the signed UKI."""
-    from hadron.boot import grub as grubboot
-    from hadron.boot import secureboot
-    from hadron.boot import trusted as bootimage
+    from hadron import service
+    from hadron.boot import grub, secureboot, trusted
 
-    ctx = _ctx(recipes, toolchain, cache_dir)
-    _check_boot_path(ctx, name, boot_path)
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    service.check_boot_path(ctx, name, boot_path)
     if boot_path == "grub":
-        built = _built_image(ctx, name, quiet=as_json)
+        built = service.build_one_image(ctx, name, quiet=as_json)
         out = output or ctx.settings.project / "out" / f"{built.name}-grub.raw"
-        g = grubboot.build_grub_disk(built, out)
+        g = grub.build_grub_disk(built, out)
         gdoc = {"disk": str(out), "bytes": g.size, "initramfs_bytes": g.initramfs_size,
                 "root_fs_uuid": g.root_fs_uuid, "log": str(out.with_suffix(".log"))}
         click.echo(json.dumps(gdoc, indent=2) if as_json else
                    f"disk {out} ({g.size / 2**20:.0f} MiB; initramfs {g.initramfs_size / 2**20:.1f} MiB)")
         return
     ks = secureboot.load_keys(_keys_dir(keys_dir))
-    built = _built_image(ctx, name, quiet=as_json)
+    built = service.build_one_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}-{boot_path}.raw"
-    d = bootimage.build_trusted_disk(built, ks, out, epoch=ctx.settings.source_date_epoch)
+    d = trusted.build_trusted_disk(built, ks, out, epoch=ctx.settings.source_date_epoch)
     doc = {"disk": str(out), "bytes": d.size, "uki_bytes": d.uki.size, "root_partuuid": d.root_partuuid}
     click.echo(json.dumps(doc, indent=2) if as_json else
                f"disk {out} ({d.size / 2**20:.0f} MiB; UKI {d.uki.size / 2**20:.1f} MiB)")
+
+
+@main.group()
+def host() -> None:
+    """The build host: what Hadron needs installed on it."""
+
+
+@host.command("check")
+@click.argument("images", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every image with every toolchain profile.")
+@_common
+@_guard
+def host_check(images: tuple[str, ...], all_: bool, recipes: tuple[Path, ...], toolchain: str | None,
+               cache_dir: Path | None, as_json: bool) -> None:
+    """Check that this host has every program and file needed to build IMAGES (default: the default image)
+    with the toolchain profile, assemble them and write and boot their disks on each boot path they carry."""
+    from hadron import service
+
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    profiles = service.toolchain_profiles(ctx) if all_ else [ctx.toolchain.name]
+    names = sorted(ctx.images) if all_ else [service.image_name(ctx, n) for n in (images or [None])]
+    report = {}
+    for profile in profiles:
+        pctx = ctx if profile == ctx.toolchain.name else _ctx(recipes, profile, cache_dir)
+        report.update(service.host_requirements(pctx, names))
+    missing = {stage: {t: who for t, (ok, who) in tools.items() if not ok} for stage, tools in report.items()}
+    if as_json:
+        click.echo(json.dumps({"ok": not any(missing.values()), "stages": {
+            s: {t: {"present": ok, "needed_by": who} for t, (ok, who) in tools.items()} for s, tools in report.items()
+        }}, indent=2))
+    else:
+        for stage, tools in report.items():
+            gone = missing[stage]
+            click.echo(f"{stage}: {len(tools) - len(gone)}/{len(tools)} present"
+                       + "".join(f"\n  MISSING {t} (needed by {', '.join(who[:3])}{' …' if len(who) > 3 else ''})"
+                                 for t, who in sorted(gone.items())))
+    every = sorted({t for g in missing.values() for t in g})
+    if every:
+        from hadron.host import install_hint
+
+        raise HadronError(f"this host lacks {len(every)} program(s) or file(s): {', '.join(every)}",
+                          hint=install_hint(every))

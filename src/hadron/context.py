@@ -17,6 +17,7 @@ from hadron.engine.scheduler import Planner
 from hadron.engine.toolchain import Toolchain, load_toolchain
 from hadron.errors import HadronError
 from hadron.image.definition import LoadedImage, image_files, load_image
+from hadron.layout import CacheLayout
 
 
 @dataclass
@@ -38,12 +39,16 @@ class Context:
         return g
 
     @cached_property
+    def layout(self) -> CacheLayout:
+        return CacheLayout(self.settings.cache_dir)
+
+    @cached_property
     def cache(self) -> Cache:
-        return Cache(self.settings.cache_dir)
+        return Cache(self.layout)
 
     @cached_property
     def store(self) -> SourceStore:
-        return SourceStore(self.settings.cache_dir / "sources")
+        return SourceStore(self.layout)
 
     @cached_property
     def mirrors(self) -> list[MirrorProvider]:

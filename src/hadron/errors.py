@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from typing import NoReturn
-
 
 class HadronError(Exception):
     """An error a user can hit. The CLI prints it without a traceback."""
@@ -41,15 +38,3 @@ class SandboxError(HadronError):
 
 class BuildError(HadronError):
     pass
-
-
-def die(message: str, hint: str | None = None) -> NoReturn:
-    raise HadronError(message, hint=hint)
-
-
-def require_tool(tool: str, package: str) -> str:
-    """The path of a host program a step runs, or an error naming the Debian package to install."""
-    exe = shutil.which(tool)
-    if exe is None:
-        raise HadronError(f"{tool} is not installed", hint=f"apt-get install {package} (or run scripts/host-setup)")
-    return exe

@@ -12,18 +12,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron.errors import HadronError, require_tool
+from hadron import runner
+from hadron.errors import HadronError
 
 # GPT partition type GUIDs (UEFI spec; root type from the Discoverable Partitions Specification).
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+
+# Host programs the disk steps run (rows of hadron.host's table).
+HOST_TOOLS = ("sfdisk", "mkfs.fat", "mmd", "mcopy", "mkfs.ext4")
 
 MIB = 1 << 20
 _NAMESPACE = uuid.UUID("7d0b4c1e-5a2f-4c62-9a5e-4861647230e1")
@@ -45,9 +48,6 @@ class Partition:
 
 def make_esp(out: Path, files: Mapping[str, Path], *, size_mib: int = 64, label: str = "ESP") -> None:
     """A FAT32 EFI system partition image holding ``files`` (destination path → source file)."""
-    mkfs = require_tool("mkfs.fat", "dosfstools")
-    mmd = require_tool("mmd", "mtools")
-    mcopy = require_tool("mcopy", "mtools")
     need = sum(p.stat().st_size for p in files.values())
     if need + 4 * MIB > size_mib * MIB:
         raise HadronError(f"EFI system partition of {size_mib} MiB is too small for {need / MIB:.1f} MiB of files",
@@ -55,36 +55,33 @@ def make_esp(out: Path, files: Mapping[str, Path], *, size_mib: int = 64, label:
     if out.exists():
         out.unlink()
     # FAT32 needs at least ~33 MiB with 512-byte sectors; -i fixes the volume id for reproducibility.
-    _run([mkfs, "-F", "32", "-n", label, "-i", "48414452", "-C", str(out), str(size_mib * 1024)], "mkfs.fat")
-    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    runner.run(["mkfs.fat", "-F", "32", "-n", label, "-i", "48414452", "-C", out, str(size_mib * 1024)])
+    env = {"MTOOLS_SKIP_CHECK": "1"}
     made: set[str] = set()
     for dest in sorted(files):
         parts = dest.strip("/").split("/")
         for i in range(1, len(parts)):
             d = "/".join(parts[:i])
             if d not in made:
-                _run([mmd, "-i", str(out), f"::/{d}"], "mmd", env=env)
+                runner.run(["mmd", "-i", out, f"::/{d}"], env=env)
                 made.add(d)
-        _run([mcopy, "-i", str(out), "-o", str(files[dest]), f"::/{'/'.join(parts)}"], "mcopy", env=env)
+        runner.run(["mcopy", "-i", out, "-o", files[dest], f"::/{'/'.join(parts)}"], env=env)
 
 
 def make_root_fs(rootfs: Path, out: Path, *, label: str, fs_uuid: str | None = None, extra_mib: int = 128) -> int:
     """An ext4 image of ``rootfs`` (half again its size plus ``extra_mib``, at least 256 MiB); returns
     its size in MiB."""
-    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
     used = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(rootfs) for f in fs)
     size_mib = max(256, int(used * 1.5 / MIB) + extra_mib)
     if out.exists():
         out.unlink()
     ids = ["-U", fs_uuid, "-E", f"root_owner=0:0,hash_seed={fs_uuid}"] if fs_uuid else ["-E", "root_owner=0:0"]
-    _run([mkfs, "-q", "-F", "-L", label, *ids, "-T", "default", "-d", str(rootfs), str(out), f"{size_mib}M"],
-         "mkfs.ext4")
+    runner.run(["mkfs.ext4", "-q", "-F", "-L", label, *ids, "-T", "default", "-d", rootfs, out, f"{size_mib}M"])
     return size_mib
 
 
 def make_gpt_disk(out: Path, partitions: Sequence[Partition], *, disk_uuid: str) -> None:
     """Write a GPT disk image with ``partitions`` (1 MiB aligned, in order) and copy their images in."""
-    sfdisk = require_tool("sfdisk", "fdisk")
     total = 1 + sum(p.size_mib for p in partitions) + 1  # 1 MiB for the primary and backup tables
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "wb") as f:
@@ -96,7 +93,7 @@ def make_gpt_disk(out: Path, partitions: Sequence[Partition], *, disk_uuid: str)
                       f'name="{p.name}"\n')
         start += p.size_mib
     try:
-        _run([sfdisk, "--no-reread", "--no-tell-kernel", "-q", str(tmp)], "sfdisk", stdin="".join(script))
+        runner.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", tmp], input="".join(script))
         start = 1
         for p in partitions:
             if p.image is not None:
@@ -122,15 +119,6 @@ class PartitionEntry:
 
 def partition_table(image: Path) -> list[PartitionEntry]:
     """The GPT partitions of a disk image, as sfdisk reads them."""
-    sfdisk = require_tool("sfdisk", "fdisk")
-    res = subprocess.run([sfdisk, "--json", str(image)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise HadronError(f"sfdisk cannot read {image}: {res.stderr.strip()}")
+    res = runner.run(["sfdisk", "--json", image], what=f"reading the partition table of {image}")
     return [PartitionEntry(p["start"], p["size"], p["type"], p["uuid"])
             for p in json.loads(res.stdout)["partitiontable"]["partitions"]]
-
-
-def _run(argv: list[str], what: str, *, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, env=env, input=stdin)
-    if res.returncode != 0:
-        raise HadronError(f"{what} failed ({' '.join(argv)}): {(res.stderr or res.stdout).strip()}")

@@ -27,6 +27,10 @@ from hadron.engine import sandbox
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage, find_kernel
 
+# Host programs and firmware this path needs (rows of hadron.host's table): dracut and GRUB's tools
+# run from the image in the sandbox; the disk steps; QEMU with SeaBIOS and OVMF.
+HOST_NEEDS = (*sandbox.HOST_TOOLS, *disk.HOST_TOOLS, *qemu.HOST_TOOLS, *qemu.FIRMWARE_FILES["bios"],
+              *qemu.FIRMWARE_FILES["uefi"])
 ESP_MIB = 64
 BIOS_BOOT_MIB = 1
 GRUB_LIB = "usr/lib/grub"

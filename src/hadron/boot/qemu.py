@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hadron.errors import HadronError, require_tool
+from hadron import runner
+from hadron.errors import HadronError
 
 CHECK_UNIT = """\
 [Unit]
@@ -45,6 +46,18 @@ echo "<4>HADRON-CHECK-END" > /dev/kmsg; systemctl poweroff --no-block'
 WantedBy=multi-user.target
 """
 CHECK_NAME = "hadron-boot-check.service"
+
+OVMF_DIR = Path("/usr/share/OVMF")
+SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
+# Host programs and firmware files a boot needs (rows of hadron.host's table).
+HOST_TOOLS = ("qemu-system-x86_64", "cp")
+FIRMWARE_FILES = {
+    "bios": (str(SEABIOS),),
+    "uefi": (str(OVMF_DIR / "OVMF_CODE_4M.fd"), str(OVMF_DIR / "OVMF_VARS_4M.fd")),
+    "secure-boot": (str(OVMF_DIR / "OVMF_CODE_4M.secboot.fd"), str(OVMF_DIR / "OVMF_VARS_4M.fd"), "swtpm"),
+}
+# A direct kernel boot: QEMU and an ext4 root made from the image.
+DIRECT_BOOT_NEEDS = (*HOST_TOOLS, "mkfs.ext4")
 
 
 @dataclass
@@ -72,7 +85,7 @@ def add_check_unit(root: Path) -> None:
 
 
 def copy_tree(src: Path, dest: Path) -> None:
-    subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], check=True)
+    runner.run(["cp", "-a", "--reflink=auto", src, dest], what=f"copying {src}")
 
 
 def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "hadron-root") -> None:
@@ -91,7 +104,7 @@ def make_disk(rootfs: Path, disk: Path, *, check: bool = False, label: str = "ha
 
 def _machine_argv(disk: Path, memory_mb: int) -> list[str]:
     """What every boot shares: TCG, one vCPU, the disk on virtio, a user-mode network with no way out."""
-    qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")
+    qemu = runner.tool("qemu-system-x86_64")
     return [qemu, "-accel", "tcg", "-smp", "1", "-m", str(memory_mb), "-no-reboot",
             "-drive", f"file={disk},format=raw,if=virtio",
             "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0"]
@@ -108,7 +121,6 @@ def boot(kernel: Path, disk: Path, *, timeout: float = 300, echo: bool = True, a
     return run_console(argv, timeout=timeout, echo=echo)
 
 
-OVMF_DIR = Path("/usr/share/OVMF")
 FIRMWARES = ("bios", "uefi", "secure-boot")
 
 
@@ -144,7 +156,7 @@ def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path |
 
 def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """A TPM 2.0 emulator for one boot; returns the process and its control socket."""
-    swtpm = require_tool("swtpm", "swtpm")
+    swtpm = runner.tool("swtpm")
     state.mkdir(parents=True, exist_ok=True)
     sock = state / "swtpm.sock"
     proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}",

@@ -24,11 +24,10 @@ import contextlib
 import datetime
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from hadron import runner
 from hadron.boot import measure
 from hadron.errors import HadronError
 
@@ -75,6 +75,9 @@ Files:
          RSA-{bits} key pair that signs expected TPM PCR 11 values (the .pcrsig section of a UKI)
 """
 
+
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("sbsign", "sbverify", "cert-to-efi-sig-list", "sign-efi-sig-list")
 
 @dataclass(frozen=True)
 class SigningKey:
@@ -114,28 +117,6 @@ class KeySet:
 
     def role(self, name: str) -> SigningKey:
         return {"PK": self.pk, "KEK": self.kek, "db": self.db}[name]
-
-
-def _need_tools(tools: Sequence[str], package: str) -> dict[str, str]:
-    found = {t: shutil.which(t) for t in tools}
-    missing = [t for t, p in found.items() if p is None]
-    if missing:
-        raise HadronError(
-            f"{', '.join(missing)} not found on PATH",
-            hint=f"install the Debian package {package} (apt-get install {package})",
-        )
-    return {t: p for t, p in found.items() if p is not None}
-
-
-def _run(argv: Sequence[str], what: str) -> subprocess.CompletedProcess[str]:
-    try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=300)
-    except OSError as e:
-        raise HadronError(f"{what}: cannot run {argv[0]}: {e.strerror}") from e
-    if res.returncode != 0:
-        output = (res.stderr.strip() or res.stdout.strip())[-2000:]
-        raise HadronError(f"{what} failed (exit {res.returncode}): {output}", hint=f"command: {' '.join(argv)}")
-    return res
 
 
 def _subject(prefix: str, role: str) -> x509.Name:
@@ -186,7 +167,6 @@ def generate_keys(
     An existing non-empty ``dest`` is replaced only with ``force=True``; the new directory is
     assembled next to it and renamed into place, so a failure leaves the old one untouched.
     """
-    tools = _need_tools(("cert-to-efi-sig-list", "sign-efi-sig-list"), "efitools")
     if dest.exists() and not dest.is_dir():
         raise HadronError(f"key directory {dest} exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not force:
@@ -211,13 +191,13 @@ def generate_keys(
             _write(k.key, _private_pem(key), 0o600)
             _write(k.crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             _write(k.der, cert.public_bytes(serialization.Encoding.DER), 0o644)
-            _run([tools["cert-to-efi-sig-list"], "-g", str(owner), str(k.crt), str(k.esl)],
-                 f"cert-to-efi-sig-list for {role}")
+            runner.run(["cert-to-efi-sig-list", "-g", str(owner), str(k.crt), str(k.esl)],
+                       what=f"cert-to-efi-sig-list for {role}")
         for role in ROLES:
             k = SigningKey.in_dir(staging, role)
             signer = SigningKey.in_dir(staging, UPDATE_SIGNER[role])
-            _run([tools["sign-efi-sig-list"], "-g", str(owner), "-k", str(signer.key), "-c", str(signer.crt),
-                  role, str(k.esl), str(k.auth)], f"sign-efi-sig-list for {role}")
+            runner.run(["sign-efi-sig-list", "-g", str(owner), "-k", str(signer.key), "-c", str(signer.crt),
+                        role, str(k.esl), str(k.auth)], what=f"sign-efi-sig-list for {role}")
             k.auth.chmod(0o644)
         pcr_key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
         _write(staging / PCR_PRIVATE_KEY, _private_pem(pcr_key), 0o600)
@@ -329,7 +309,7 @@ def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str) -> None
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        _run(argv(tmp), what)
+        runner.run(argv(tmp), what=what, timeout=300)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
@@ -339,32 +319,25 @@ def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str) -> None
 
 def sign_efi(keys: KeySet, src: Path, dst: Path) -> None:
     """Sign the EFI binary ``src`` with the db key (sbsign) and write it to ``dst`` atomically."""
-    tools = _need_tools(("sbsign",), "sbsigntool")
     if not src.is_file():
         raise HadronError(f"EFI binary {src} does not exist", hint="check the path")
-    _run_to_file(lambda tmp: [tools["sbsign"], "--key", str(keys.db.key), "--cert", str(keys.db.crt),
+    _run_to_file(lambda tmp: ["sbsign", "--key", str(keys.db.key), "--cert", str(keys.db.crt),
                               "--output", tmp, str(src)], dst, f"signing {src}")
 
 
 def verify_efi(keys: KeySet, path: Path) -> None:
     """Check ``path`` carries a valid signature by the db key (sbverify); HadronError if not."""
-    tools = _need_tools(("sbverify",), "sbsigntool")
     if not path.is_file():
         raise HadronError(f"EFI binary {path} does not exist", hint="check the path")
-    res = subprocess.run([tools["sbverify"], "--cert", str(keys.db.crt), str(path)],
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        detail = (res.stderr.strip() or res.stdout.strip()).splitlines()
-        raise HadronError(
-            f"{path} is not validly signed by {keys.db.crt}: {detail[-1] if detail else 'sbverify failed'}",
-            hint="sign it again after its last change",
-        )
+    try:
+        runner.run(["sbverify", "--cert", keys.db.crt, path], timeout=300)
+    except HadronError as e:
+        last = e.message.strip().splitlines()[-1]
+        raise HadronError(f"{path} is not validly signed by {keys.db.crt}: {last}",
+                          hint="sign it again after its last change") from None
 
 
 def _virt_fw_vars() -> list[str]:
-    exe = shutil.which("virt-fw-vars")
-    if exe:
-        return [exe]
     if find_spec("virt.firmware.vars") is not None:
         return [sys.executable, "-m", "virt.firmware.vars"]
     raise HadronError("virt-fw-vars not found", hint="pip install virt-firmware (the PyPI package virt-firmware)")

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hadron import runner
 from hadron.boot import disk, measure, qemu, secureboot, uki
-from hadron.errors import HadronError, require_tool
+from hadron.errors import HadronError
 from hadron.image.build import BuiltImage, find_kernel
 
 STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 OS_RELEASE = "usr/lib/os-release"
 ESP_MIB = 64
+# Host programs and firmware this path needs (rows of hadron.host's table): the initrd archive, the
+# signatures, the disk steps; QEMU with OVMF's Secure Boot build and swtpm.
+HOST_TOOLS = ("cpio", "zstd")
+HOST_NEEDS = (*HOST_TOOLS, *secureboot.HOST_TOOLS, *disk.HOST_TOOLS, *qemu.HOST_TOOLS,
+              *qemu.FIRMWARE_FILES["secure-boot"])
 # The root file system's partition name and label; systemd's discoverable-partitions type for x86-64.
 ROOT_NAME = "root-x86-64"
 
@@ -79,8 +84,6 @@ def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
     without /boot, plus /etc/initrd-release (which makes systemd run initrd.target, mount root= at
     /sysroot and switch root) and /init. newc cpio with uid/gid 0 and clamped mtimes, zstd-compressed.
     Returns the size in bytes."""
-    cpio = require_tool("cpio", "cpio")
-    zstd = require_tool("zstd", "zstd")
     with tempfile.TemporaryDirectory(prefix="hadron-initrd-", dir=out.parent) as td:
         tree = Path(td) / "root"
         qemu.copy_tree(img.rootfs, tree)
@@ -94,16 +97,14 @@ def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
             os.utime(p, (epoch, epoch), follow_symlinks=False)
         raw = Path(td) / "initrd.cpio"
         with open(raw, "wb") as f:
-            res = subprocess.run([cpio, "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"], cwd=tree,
-                                 input="\n".join(names).encode(), stdout=f, stderr=subprocess.PIPE)
-        if res.returncode != 0:
-            raise HadronError(f"cpio failed: {res.stderr.decode(errors='replace').strip()}")
+            runner.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"], cwd=tree,
+                       input="\n".join(names), stdout=f, what="archiving the initrd")
         tmp = out.with_name(out.name + ".part")
-        z = subprocess.run([zstd, "-q", "-f", "-19", "-T0", str(raw), "-o", str(tmp)], capture_output=True, text=True)
-        if z.returncode != 0:
+        try:
+            runner.run(["zstd", "-q", "-f", "-19", "-T0", raw, "-o", tmp], what="compressing the initrd")
+            os.replace(tmp, out)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise HadronError(f"zstd failed: {z.stderr.strip()}")
-        os.replace(tmp, out)
     return out.stat().st_size
 
 

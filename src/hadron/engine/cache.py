@@ -1,42 +1,50 @@
-"""Content-addressed output cache.
+"""Content-addressed cache of package outputs and images.
 
-Layout under the cache root::
+Where everything lives is :mod:`hadron.layout`'s; this module decides what goes in:
 
-    outputs/<key>/            one finished build, renamed into place atomically
+    outputs/<key>/            one finished package build, renamed into place atomically
         runtime/  dev/        the split install tree
         manifest.json         files (output, path, type, mode, size, sha256/target), record, timings
         digest                sha256 over the manifest's file list: the output's content identity
         build.log
-    logs/<package>.log        log of the latest attempt (also kept for failures)
-    tmp/<key>.<pid>.<n>/      builds in progress; never read, removed when stale
-    locks/<key>.lock          flock held while a key is being built
+    images/<key>/             one finished image, renamed into place atomically, never replaced
+        rootfs/ oci/ docker-archive.tar image.json
+        manifest.json         every other file of the directory (path, type, mode, size, sha256/target)
 
 A key hashes everything that can change an output (see :func:`compute_key`). Dependents hash the
 *content digest* of their inputs, not their keys, so a rebuilt but byte-identical output does not
-rebuild its dependents (early cutoff).
+rebuild its dependents (early cutoff). Builds of one key are serialised by the key's lock and run in
+a private ``tmp/`` directory; ``cache verify`` re-hashes outputs and images against their manifests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
 import re
-import shutil
 import stat
-import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from hadron import BUILD_LOGIC_VERSION
 from hadron.engine import faults
 from hadron.errors import HadronError
+from hadron.layout import CacheLayout, hold, try_lock
+from hadron.layout import remove_tree as remove_tree
+from hadron.layout import tree_size as tree_size
+
+if TYPE_CHECKING:
+    from hadron.engine.fetch import SourceStore
 
 OUTPUTS = ("runtime", "dev")
+MANIFEST = "manifest.json"
+IMAGE_RECORD = "image.json"  # written by assembly; its presence marks a complete image directory
 
 
 def compute_key(
@@ -133,31 +141,67 @@ def split_tree(destdir: Path, out_root: Path, dev_globs: list[str], drop_globs: 
                     p.rmdir()  # fails (and is kept) when not empty
 
 
-def scan_tree(out_root: Path) -> list[dict[str, Any]]:
-    """Manifest entries for every path in the outputs, sorted."""
+def scan_tree(root: Path, *, skip: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Manifest entries for every path under ``root`` (path relative to it, type, mode; size and
+    sha256 of files; target of symlinks), sorted by path. Top-level names in ``skip`` are left out
+    (a manifest does not list itself)."""
     entries: list[dict[str, Any]] = []
-    for o in OUTPUTS:
-        root = out_root / o
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            base = Path(dirpath)
-            for name in dirnames + filenames:
-                p = base / name
-                rel = p.relative_to(root).as_posix()
-                st = p.lstat()
-                e: dict[str, Any] = {"output": o, "path": rel, "mode": stat.S_IMODE(st.st_mode)}
-                if stat.S_ISLNK(st.st_mode):
-                    e.update(type="symlink", target=os.readlink(p))
-                elif stat.S_ISDIR(st.st_mode):
-                    e.update(type="dir")
-                elif stat.S_ISREG(st.st_mode):
-                    e.update(type="file", size=st.st_size, sha256=_hash_file(p))
-                else:
-                    raise HadronError(f"{p}: unsupported file type in build output (device, fifo or socket)")
-                entries.append(e)
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        if base == root:
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
+        for name in dirnames + filenames:
+            entries.append(_entry(base / name, root))
+    entries.sort(key=lambda e: str(e["path"]))
+    return entries
+
+
+def _entry(p: Path, root: Path) -> dict[str, Any]:
+    st = p.lstat()
+    e: dict[str, Any] = {"path": p.relative_to(root).as_posix(), "mode": stat.S_IMODE(st.st_mode)}
+    if stat.S_ISLNK(st.st_mode):
+        e.update(type="symlink", target=os.readlink(p))
+    elif stat.S_ISDIR(st.st_mode):
+        e.update(type="dir")
+    elif stat.S_ISREG(st.st_mode):
+        e.update(type="file", size=st.st_size, sha256=_hash_file(p))
+    else:
+        raise HadronError(f"{p}: a device node, fifo or socket; cached trees hold only files, directories "
+                          "and symlinks", hint="remove it in the recipe's install step (or the image's files/)")
+    return e
+
+
+def scan_outputs(out_root: Path) -> list[dict[str, Any]]:
+    """Manifest entries of a package output: :func:`scan_tree` of runtime/ and dev/, each entry
+    naming its ``output``, sorted by (output, path)."""
+    entries = [{"output": o, **e} for o in OUTPUTS if (out_root / o).is_dir() for e in scan_tree(out_root / o)]
     entries.sort(key=lambda e: (e["output"], e["path"]))
     return entries
+
+
+def diff_manifest(root: Path, want: list[dict[str, Any]], have: list[dict[str, Any]]) -> list[str]:
+    """What differs between the entries a manifest lists (``want``) and those found under ``root``
+    (``have``): ``<path>: missing``, ``not in the manifest``, ``content changed`` or ``metadata changed``."""
+    w = {_location(e): e for e in want}
+    h = {_location(e): e for e in have}
+    problems: list[str] = []
+    for loc in sorted(w.keys() | h.keys()):
+        we, he = w.get(loc), h.get(loc)
+        where = root / loc
+        if he is None:
+            problems.append(f"{where}: missing")
+        elif we is None:
+            problems.append(f"{where}: not in the manifest")
+        elif we != he:
+            what = "content changed" if we.get("sha256") != he.get("sha256") else "metadata changed"
+            problems.append(f"{where}: {what}")
+    return problems
+
+
+def _location(e: dict[str, Any]) -> str:
+    """An entry's path relative to the directory its manifest describes."""
+    return f"{e['output']}/{e['path']}" if "output" in e else str(e["path"])
 
 
 def _hash_file(p: Path) -> str:
@@ -197,138 +241,236 @@ class Output:
         return (self.path / "digest").read_text().strip()
 
     def manifest(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.path / "manifest.json").read_text())
+        data: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
         return data
 
 
+@dataclass(frozen=True)
+class GcResult:
+    count: int  # entries removed: outputs, images, leftovers of killed builds and commands
+    freed: int  # bytes
+
+
+class VerifyReport(TypedDict):
+    sources: int  # how many were checked
+    outputs: int
+    images: int
+    problems: list[str]  # "<path>: <what is wrong>"
+
+
 class Cache:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.outputs = root / "outputs"
-        self.tmp = root / "tmp"
-        self.locks = root / "locks"
-        self.logs = root / "logs"
-        self.work = root / "work"
+    """Package outputs and images under one cache root, and the locks that serialise their builds."""
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
 
     def ensure(self) -> None:
-        for d in (self.outputs, self.tmp, self.locks, self.logs, self.work):
+        for d in (self.layout.outputs, self.layout.tmp, self.layout.locks, self.layout.logs):
             d.mkdir(parents=True, exist_ok=True)
 
+    def log_path(self, package: str) -> Path:
+        return self.layout.log(package)
+
+    # Package outputs.
+
     def get(self, key: str) -> Output | None:
-        p = self.outputs / key
+        p = self.layout.output(key)
         if (p / "digest").is_file():
             return Output(key, p)
         return None
 
-    def log_path(self, package: str) -> Path:
-        return self.logs / f"{package}.log"
-
-    @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Exclusive lock on building one key, shared between processes."""
-        self.ensure()
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def lock(self, key: str) -> AbstractContextManager[None]:
+        """Exclusive lock on building package key ``key``, shared between processes."""
+        return hold(self.layout.build_lock(key))
 
     def new_tmp(self, key: str) -> Path:
         """A fresh private directory for building ``key`` (call with the key's lock held).
         Directories left by killed builds of the same key are removed first."""
         self.ensure()
-        for stale in self.tmp.glob(f"{key}.*"):
+        for stale in self.layout.build_tmps(key):
             remove_tree(stale)
-        for stale in self.work.glob(f"{key}.*"):
-            remove_tree(stale)
-        p = self.tmp / f"{key}.{os.getpid()}.{time.monotonic_ns()}"
+        p = self.layout.new_build_tmp(key)
         p.mkdir()
-        return p
-
-    def new_work(self, key: str) -> Path:
-        p = self.work / f"{key}.{os.getpid()}.{time.monotonic_ns()}"
-        p.mkdir(parents=True)
         return p
 
     def commit(self, key: str, staged: Path, record: dict[str, Any]) -> Output:
         """Write the manifest of a staged output and rename it into the cache atomically."""
-        entries = scan_tree(staged)
+        entries = scan_outputs(staged)
         digest = content_digest(entries)
         manifest = {**record, "key": key, "digest": digest, "files": entries}
-        _write_synced(staged / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _write_synced(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _write_synced(staged / "digest", digest + "\n")
         _fsync_dir(staged)
         faults.point("after-manifest")
-        final = self.outputs / key
+        final = self.layout.output(key)
         try:
             os.rename(staged, final)
         except OSError:
             if self.get(key) is None:
                 raise
             remove_tree(staged)  # another process finished the same key first
-        _fsync_dir(self.outputs)
+        _fsync_dir(self.layout.outputs)
         faults.point("after-rename")
         return Output(key, final)
 
     def all_outputs(self) -> list[Output]:
-        if not self.outputs.is_dir():
-            return []
-        return [Output(p.name, p) for p in sorted(self.outputs.iterdir()) if (p / "digest").is_file()]
+        return [out for key in self.layout.output_keys() if (out := self.get(key)) is not None]
 
     def verify(self, output: Output) -> list[str]:
         """Re-hash one output against its manifest; return the problems found."""
-        problems: list[str] = []
         try:
             manifest = output.manifest()
-        except (OSError, ValueError) as e:
+            files: list[dict[str, Any]] = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             return [f"{output.path}: unreadable manifest: {e}"]
-        want = {(e["output"], e["path"]): e for e in manifest["files"]}
         try:
-            have = {(e["output"], e["path"]): e for e in scan_tree(output.path)}
+            problems = diff_manifest(output.path, files, scan_outputs(output.path))
         except HadronError as e:
-            return [str(e)]
-        for k in sorted(want.keys() | have.keys()):
-            w, h = want.get(k), have.get(k)
-            where = f"{output.path / k[0] / k[1]}"
-            if h is None:
-                problems.append(f"{where}: missing")
-            elif w is None:
-                problems.append(f"{where}: not in the manifest")
-            elif w != h:
-                what = "content changed" if w.get("sha256") != h.get("sha256") else "metadata changed"
-                problems.append(f"{where}: {what}")
-        if content_digest(manifest["files"]) != output.digest():
+            return [e.message]
+        if content_digest(files) != output.digest():
             problems.append(f"{output.path}/digest: does not match the manifest")
         return problems
 
-    def gc(self, keep: set[str]) -> tuple[int, int]:
-        """Remove outputs not in ``keep`` and stale temporary directories. Returns (count, bytes)."""
-        count = 0
-        freed = 0
-        for out in self.all_outputs():
-            if out.key not in keep:
-                freed += tree_size(out.path)
-                remove_tree(out.path)
-                count += 1
-        for d in (self.tmp, self.work):
-            if not d.is_dir():
+    # Images.
+
+    def image(self, key: str) -> Path | None:
+        """The published image directory of ``key``, or None. Reads nothing but one stat: a cache
+        hit must cost nothing."""
+        p = self.layout.image(key)
+        return p if (p / IMAGE_RECORD).is_file() else None
+
+    def image_lock(self, key: str) -> AbstractContextManager[None]:
+        """Exclusive lock on assembling and publishing image key ``key``, shared between processes."""
+        return hold(self.layout.image_lock(key))
+
+    @contextlib.contextmanager
+    def image_staging(self, key: str) -> Iterator[Path]:
+        """A fresh private directory to assemble image ``key`` in (hold the image lock), removed when
+        the block ends unless it was published. Leftovers of killed assemblies of ``key`` go first."""
+        self.ensure()
+        for stale in self.layout.image_tmps(key):
+            remove_tree(stale)
+        p = self.layout.new_image_tmp(key)
+        p.mkdir()
+        try:
+            yield p
+        finally:
+            remove_tree(p)  # already gone once published
+
+    def publish_image(self, key: str, staged: Path) -> tuple[Path, bool]:
+        """Write the manifest of the assembled image in ``staged`` and rename it to images/<key>
+        (hold the image lock). A published image directory is never deleted or replaced, since a
+        process may be reading it: when one exists already, ``staged`` is discarded. Returns the
+        image directory and whether ``staged`` became it."""
+        final = self.layout.image(key)
+        if self.image(key) is None:
+            entries = scan_tree(staged, skip=(MANIFEST,))
+            manifest = {"key": key, "digest": content_digest(entries), "files": entries}
+            _write_synced(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            _fsync_dir(staged)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staged, final)  # refused when final exists, unless it is an empty directory
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            else:
+                _fsync_dir(final.parent)
+                return final, True
+        remove_tree(staged)
+        if self.image(key) is None:
+            raise HadronError(f"{final}: exists but is not a complete image (it has no {IMAGE_RECORD})",
+                              hint=f"delete {final}; the next build assembles the image again")
+        return final, False
+
+    def all_images(self) -> list[Path]:
+        """Every directory in images/ named by a key, complete or not (verify reports what is wrong)."""
+        return [self.layout.image(key) for key in self.layout.image_keys()]
+
+    def verify_image(self, path: Path) -> list[str]:
+        """Re-hash one image directory against its manifest; return the problems found."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files: list[dict[str, Any]] = manifest["files"]
+        except FileNotFoundError:
+            return [f"{path / MANIFEST}: missing (the image was made by an older Hadron, or the file was deleted)"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return [f"{path}: unreadable manifest: {e}"]
+        try:
+            problems = diff_manifest(path, files, scan_tree(path, skip=(MANIFEST,)))
+        except HadronError as e:
+            return [e.message]
+        if content_digest(files) != manifest.get("digest"):
+            problems.append(f"{path / MANIFEST}: its digest does not match its file list")
+        return problems
+
+    def verify_images(self) -> list[str]:
+        """Re-hash every image directory; return the problems found."""
+        return [p for path in self.all_images() for p in self.verify_image(path)]
+
+    def verify_all(self, store: SourceStore) -> VerifyReport:
+        """Re-hash every source in ``store``, every output and every image (what ``cache verify`` does)."""
+        sources = store.digests()
+        problems = [f"{store.path(d)}: content does not match its sha256 name" for d in store.verify()]
+        outputs = self.all_outputs()
+        for out in outputs:
+            problems += self.verify(out)
+        images = self.all_images()
+        for path in images:
+            problems += self.verify_image(path)
+        return VerifyReport(sources=len(sources), outputs=len(outputs), images=len(images), problems=problems)
+
+    # Garbage collection.
+
+    def gc(self, keep_outputs: set[str], keep_images: set[str]) -> GcResult:
+        """Remove the outputs and images whose keys are not kept, leftovers of killed builds in tmp/
+        and work directories of commands that are gone. Nothing whose lock is held is touched: not
+        the output or image of a key being built, nor a running build's or command's directory."""
+        sizes: list[int | None] = []
+        for key in self.layout.output_keys():
+            if key not in keep_outputs:
+                sizes.append(self._discard(self.layout.output(key), self.layout.build_lock(key),
+                                           self.layout.new_build_tmp(key)))
+        for key in self.layout.image_keys():
+            if key not in keep_images:
+                sizes.append(self._discard(self.layout.image(key), self.layout.image_lock(key),
+                                           self.layout.new_image_tmp(key)))
+        sizes += self._reap_tmp()
+        removed = [n for n in sizes if n is not None]
+        work_count, work_freed = self.layout.reap_work_dirs()
+        return GcResult(len(removed) + work_count, sum(removed) + work_freed)
+
+    def _discard(self, final: Path, lock: Path, grave: Path) -> int | None:
+        """Remove published directory ``final`` unless ``lock`` is held; returns the bytes freed, or
+        None if it was left. It is first renamed to ``grave`` in tmp/, so no process ever finds it
+        half removed (a killed gc leaves a tmp/ entry the next gc removes)."""
+        with try_lock(lock) as free:
+            if not free or not final.exists():  # being built, or removed by another gc meanwhile
+                return None
+            size = tree_size(final)
+            grave.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(final, grave)
+            remove_tree(grave)
+            return size
+
+    def _reap_tmp(self) -> list[int | None]:
+        """Remove tmp/ entries of builds whose owner is gone (their key's lock is free); returns the
+        bytes freed by each. Entries with names this cache does not make are left alone."""
+        tmp = self.layout.tmp
+        sizes: list[int | None] = []
+        for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            lock = self.layout.tmp_owner(entry)
+            if lock is None:
                 continue
-            for p in d.iterdir():
-                key = p.name.split(".", 1)[0]
-                fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a build in progress
-                    freed += tree_size(p)
-                    remove_tree(p)
-                    count += 1
-                finally:
-                    os.close(fd)
-        return count, freed
+            with try_lock(lock) as free:
+                if free and os.path.lexists(entry):
+                    sizes.append(tree_size(entry))
+                    remove_tree(entry)
+        return sizes
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -344,31 +486,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def tree_size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += (Path(dirpath) / f).lstat().st_size
-    return total
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a tree even where a build left read-only directories."""
-
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o755)
-            os.chmod(p, 0o755)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, onerror=onerror)

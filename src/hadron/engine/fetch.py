@@ -2,7 +2,7 @@
 
 A download goes to a temporary file next to the store, is hashed while it streams, and is moved
 into place with an atomic rename only when its digest is one the recipe pins. Nothing unverified is
-ever visible under ``<store>/sha256/``.
+ever visible under ``sources/sha256/`` (see :mod:`hadron.layout`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from hadron.engine.mirrors import Candidate, MirrorProvider
 from hadron.engine.recipe import LoadedRecipe, Source
 from hadron.errors import FetchError
+from hadron.layout import CacheLayout
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int | None], None]
@@ -34,13 +35,15 @@ class Fetched:
 
 
 class SourceStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.objects = root / "sha256"
-        self.tmp = root / "tmp"
+    """Verified source files under a cache root, named by their sha256 (paths: :class:`CacheLayout`)."""
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+        self.objects = layout.source_objects
+        self.tmp = layout.sources_tmp
 
     def path(self, digest: str) -> Path:
-        return self.objects / digest
+        return self.layout.source(digest)
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -108,15 +111,13 @@ class SourceStore:
                 os.unlink(tmpname)
         return self.path(expected)
 
+    def digests(self) -> list[str]:
+        """The names of every stored source, sorted."""
+        return sorted(p.name for p in self.objects.iterdir()) if self.objects.is_dir() else []
+
     def verify(self) -> list[str]:
         """Re-hash every stored source; return the digests whose content is wrong."""
-        bad: list[str] = []
-        if not self.objects.is_dir():
-            return bad
-        for p in sorted(self.objects.iterdir()):
-            if file_sha256(p) != p.name:
-                bad.append(p.name)
-        return bad
+        return [d for d in self.digests() if file_sha256(self.path(d)) != d]
 
 
 def file_sha256(path: Path) -> str:

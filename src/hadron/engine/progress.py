@@ -65,7 +65,3 @@ class Reporter:
             self.running.pop(name, None)
             self.done += 1
             self._line(f"{name}: {status}{' ' + detail if detail else ''}")
-
-    def note(self, text: str) -> None:
-        with self._lock:
-            self._line(text)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hadron.errors import SandboxError
+from hadron.host import SANDBOX_PATH, install_hint
 
-SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("bwrap",)
 HOSTNAME = "hadron-build"
 # Top-level host directories that form the read-only build environment.
 HOST_ENV_DIRS = ("usr", "etc", "opt")
@@ -85,7 +87,7 @@ def bwrap_argv(step: Step) -> list[str]:
     if bwrap is None:
         raise SandboxError(
             "bubblewrap (bwrap) is not installed; Hadron runs every build step in a bwrap sandbox",
-            hint="install it: apt-get install bubblewrap",
+            hint=install_hint(["bwrap"]),
         )
     args = [
         bwrap,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from hadron.config import EnvIdentity, Settings, missing_tools_error
+from hadron.config import Settings
 from hadron.engine import buildsys
 from hadron.engine.cache import Cache, Output, compute_key
 from hadron.engine.executor import BuildRequest, Executor
@@ -23,6 +23,7 @@ from hadron.engine.mirrors import MirrorProvider
 from hadron.engine.progress import Reporter
 from hadron.engine.toolchain import Toolchain
 from hadron.errors import HadronError
+from hadron.host import EnvIdentity, missing_tools_error
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Planner:
         self.cache = cache
         self.store = store
         self.toolchain = toolchain
-        self.envid = EnvIdentity(settings)
+        self.envid = EnvIdentity(settings.extra_path, cache.layout.envid)
         self._inputs: dict[str, list[str]] = {}
 
     def inputs(self, name: str) -> list[str]:

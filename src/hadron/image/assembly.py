@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +21,14 @@ from typing import Any
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from hadron import BUILD_LOGIC_VERSION, __version__
-from hadron.engine import sandbox
-from hadron.engine.cache import Output, remove_tree
+from hadron import BUILD_LOGIC_VERSION, __version__, runner
+from hadron.engine.cache import IMAGE_RECORD, Output
 from hadron.errors import HadronError
 from hadron.image import oci
 from hadron.image.definition import LoadedImage
 
+# Host programs assembly runs (rows of hadron.host's table).
+HOST_TOOLS = ("strip", "bwrap")
 USR_MERGED = ("bin", "sbin", "lib", "lib64")
 
 
@@ -134,9 +134,6 @@ def _is_strippable_elf(p: Path) -> bool:
 def strip_binaries(b: ImageBuild) -> None:
     if not b.image.spec.strip:
         return
-    strip = shutil.which("strip")
-    if strip is None:
-        raise HadronError("`strip` (binutils) is not installed", hint="apt-get install binutils")
     files = []
     for dirpath, _dirs, filenames in os.walk(b.rootfs):
         for f in filenames:
@@ -149,12 +146,11 @@ def strip_binaries(b: ImageBuild) -> None:
         modes = {p: p.stat().st_mode for p in chunk}
         for p in chunk:
             p.chmod(modes[p] | stat.S_IWUSR)
-        res = subprocess.run([strip, "--strip-unneeded", "--preserve-dates", *map(str, chunk)],
-                             capture_output=True, text=True)
-        for p in chunk:
-            p.chmod(stat.S_IMODE(modes[p]))
-        if res.returncode != 0:
-            raise HadronError(f"strip failed: {res.stderr.strip()}")
+        try:
+            runner.run(["strip", "--strip-unneeded", "--preserve-dates", *chunk], what="stripping ELF files")
+        finally:
+            for p in chunk:
+                p.chmod(stat.S_IMODE(modes[p]))
     after = sum(p.stat().st_size for p in files)
     b.note(f"stripped {len(files)} ELF files: {before / 1e6:.1f} MB → {after / 1e6:.1f} MB")
 
@@ -239,13 +235,11 @@ def configure_system(b: ImageBuild) -> None:
         return
     script = "set -e\n" + "\n".join(cmds)
     argv = [
-        sandbox.bwrap_path() or "bwrap", "--unshare-all", "--die-with-parent", "--bind", str(r), "/",
+        "bwrap", "--unshare-all", "--die-with-parent", "--bind", str(r), "/",
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run", "--clearenv",
         "--setenv", "PATH", "/usr/bin", "--setenv", "SYSTEMD_OFFLINE", "1", "--", "/bin/sh", "-c", script,
     ]
-    res = subprocess.run(argv, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise HadronError(f"configuring the image failed ({' && '.join(cmds)}):\n{res.stderr.strip()[-3000:]}")
+    res = runner.run(argv, what=f"configuring the image ({' && '.join(cmds)})")
     b.note(res.stderr.strip()[-2000:])
     # First boot: an empty machine-id tells systemd to generate one (and run presets again).
     mid.write_text("")
@@ -309,8 +303,11 @@ def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, ar
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def assemble(b: ImageBuild, final: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Run every step in ``b.work`` and move the result to ``final`` atomically."""
+def assemble(b: ImageBuild, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run every step in ``b.work`` and write the image record (image.json) there, last; returns it.
+
+    Assembly only ever writes in its own private ``b.work``: publishing the finished directory is
+    :meth:`hadron.engine.cache.Cache.publish_image`'s, which never touches a published image."""
     timings: dict[str, float] = {}
     for step in STEPS:
         progress(step.__name__)
@@ -327,9 +324,5 @@ def assemble(b: ImageBuild, final: Path, progress: Callable[[str], None]) -> dic
         "notes": b.log,
         **b.summary,
     }
-    (b.work / "image.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        remove_tree(final)
-    os.rename(b.work, final)
+    (b.work / IMAGE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hadron.context import Context
-from hadron.engine.cache import Output, remove_tree
+from hadron.engine.cache import IMAGE_RECORD, Output
 from hadron.errors import HadronError
 from hadron.image.assembly import ImageBuild, assemble, image_key
 from hadron.image.definition import LoadedImage
@@ -66,49 +66,88 @@ def image_packages(ctx: Context, image: LoadedImage) -> list[str]:
     return seen
 
 
-def images_dir(ctx: Context) -> Path:
-    return ctx.settings.cache_dir / "images"
+def image_outputs(ctx: Context, name: str, outputs: dict[str, Output]) -> dict[str, Output] | None:
+    """The outputs of image ``name``'s packages in dependency order, taken from ``outputs``; None
+    when one of them is not there."""
+    names = image_packages(ctx, ctx.images[name])
+    if any(n not in outputs for n in names):
+        return None
+    return {n: outputs[n] for n in ctx.graph.closure(names) if n in names}
+
+
+def _key(ctx: Context, name: str, mine: dict[str, Output]) -> str:
+    s = ctx.settings
+    return image_key(ctx.images[name], mine, ctx.toolchain.name, s.arch, s.source_date_epoch)
+
+
+def current_image_key(ctx: Context, name: str, outputs: dict[str, Output]) -> str | None:
+    """The key image ``name`` has with the current definitions and ``outputs`` (package → output,
+    e.g. what the planner found cached), or None when one of its packages has no output there.
+    ``cache gc`` keeps the images whose keys this returns."""
+    mine = image_outputs(ctx, name, outputs)
+    return None if mine is None else _key(ctx, name, mine)
 
 
 def build_image(ctx: Context, name: str, outputs: dict[str, Output], *, quiet: bool = False) -> BuiltImage:
+    """Image ``name`` made of ``outputs``: found in the cache, or assembled and published there.
+
+    A cache hit takes no lock and hashes nothing. On a miss the image key's lock is taken; the
+    image may have been published meanwhile by another process, else it is assembled in a private
+    directory and published with one rename. A published image directory is never deleted or
+    replaced, so a process reading one is never disturbed."""
+    mine = image_outputs(ctx, name, outputs)
+    if mine is None:
+        missing = [n for n in image_packages(ctx, ctx.images[name]) if n not in outputs]
+        raise HadronError(f"image {name}: packages not built: {', '.join(missing)}",
+                          hint=f"build them first: hadron build {' '.join(missing)}")
+    key = _key(ctx, name, mine)
+    built = published_image(ctx, name, key)
+    if built is None:
+        with ctx.cache.image_lock(key):
+            built = published_image(ctx, name, key) or assemble_image(ctx, name, key, mine, quiet=quiet)
+    _link(ctx.settings.project / "out" / name, built.path)
+    return built
+
+
+def published_image(ctx: Context, name: str, key: str) -> BuiltImage | None:
+    """Image ``name`` with key ``key`` if it is in the cache (reads its record, nothing else)."""
+    path = ctx.cache.image(key)
+    if path is None:
+        return None
+    return BuiltImage(name, key, path, json.loads((path / IMAGE_RECORD).read_text()), True)
+
+
+def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *, quiet: bool = False) -> BuiltImage:
+    """Assemble image ``name`` (key ``key``) from ``mine`` in a private directory and publish it.
+    Call with the image key's lock held. If the key is published already (by a process that did
+    not take the lock), this assembly is discarded and the published image returned."""
     image = ctx.images[name]
-    names = image_packages(ctx, image)
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise HadronError(f"image {name}: packages not built: {', '.join(missing)}")
-    order = [n for n in ctx.graph.closure(names) if n in names]
-    mine = {n: outputs[n] for n in order}
-    key = image_key(image, mine, ctx.toolchain.name, ctx.settings.arch, ctx.settings.source_date_epoch)
-    final = images_dir(ctx) / key
-    link = ctx.settings.project / "out" / name
-    if (final / "image.json").is_file():
-        _link(link, final)
-        return BuiltImage(name, key, final, json.loads((final / "image.json").read_text()), True)
-    versions = {}
-    for n in order:
-        r = ctx.recipes[n].recipe
-        man = mine[n].manifest()
-        versions[n] = {"version": r.version, "license": r.license, "summary": r.summary,
-                       "sources": [{"url": s["url"], "sha256": s["sha256"]} for s in man.get("sources", [])]}
-    work = images_dir(ctx) / f"tmp-{key}.{os.getpid()}"
-    if work.exists():
-        remove_tree(work)
-    work.mkdir(parents=True)
-    b = ImageBuild(image=image, outputs=mine, versions=versions, work=work,
-                   epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch)
     t0 = time.monotonic()
 
     def progress(step: str) -> None:
         if not quiet:
             print(f"[{time.monotonic() - t0:7.1f}s] image {name}: {step}", file=sys.stderr, flush=True)
 
-    try:
-        record = assemble(b, final, progress)
-    except BaseException:
-        remove_tree(work)
-        raise
-    _link(link, final)
-    return BuiltImage(name, key, final, record, False)
+    with ctx.cache.image_staging(key) as work:
+        b = ImageBuild(image=image, outputs=mine, versions=_versions(ctx, mine), work=work,
+                       epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch)
+        record = assemble(b, progress)
+        progress("manifest")
+        path, ours = ctx.cache.publish_image(key, work)
+    if not ours:  # published meanwhile by a process that did not take the lock: that one counts
+        return BuiltImage(name, key, path, json.loads((path / IMAGE_RECORD).read_text()), True)
+    return BuiltImage(name, key, path, record, False)
+
+
+def _versions(ctx: Context, mine: dict[str, Output]) -> dict[str, dict[str, Any]]:
+    """Per package: version, license, summary and sources, for the image's component manifest."""
+    versions = {}
+    for n, out in mine.items():
+        r = ctx.recipes[n].recipe
+        man = out.manifest()
+        versions[n] = {"version": r.version, "license": r.license, "summary": r.summary,
+                       "sources": [{"url": s["url"], "sha256": s["sha256"]} for s in man.get("sources", [])]}
+    return versions
 
 
 def _link(link: Path, target: Path) -> None:

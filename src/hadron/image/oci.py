@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hadron import runner
 from hadron.errors import HadronError
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -28,6 +28,8 @@ MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 GZIP_LEVEL = 6
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("skopeo",)
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
 
 
@@ -180,15 +182,8 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("skopeo")
-    if exe is None:
-        raise HadronError("skopeo is not installed; it writes docker archives and pushes images",
-                          hint="apt-get install skopeo")
-    res = subprocess.run([exe, *args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise HadronError(f"skopeo {' '.join(args)} failed:\n{res.stderr.strip()}")
-    return res
+def skopeo(*args: str) -> None:
+    runner.run(["skopeo", *args], what=f"skopeo {args[0]}")
 
 
 def write_docker_archive(layout: Path, tag: str, archive: Path, ref: str) -> None:

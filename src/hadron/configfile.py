@@ -1,0 +1,33 @@
+"""The schema of ``hadron.toml`` (pydantic), kept apart from :mod:`hadron.config` so that reading
+settings for a no-op build does not load pydantic."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FileConfig(BaseModel):
+    """Schema of hadron.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class Fetch(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        mirrors: list[str] = Field(default_factory=lambda: ["debian"])
+        upstream: bool = True
+
+    class BuildEnv(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: list[str] = Field(default_factory=list, description="host directories prepended to PATH")
+
+    class Build(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        toolchain: str = "native"
+        arch: str = "x86_64"
+        default_image: str | None = None
+        source_date_epoch: int = 1735689600  # 2025-01-01T00:00:00Z
+
+    cache_dir: str | None = None
+    fetch: Fetch = Field(default_factory=Fetch)
+    build_env: BuildEnv = Field(default_factory=BuildEnv)
+    build: Build = Field(default_factory=Build)
