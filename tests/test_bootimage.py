@@ -106,16 +106,16 @@ def test_unsigned_stub_is_refused(tmp_path: Path, keys: secureboot.KeySet) -> No
     img = fake_image(tmp_path)
     shutil.copy(HOST_EFI / "systemd-bootx64.efi", img.rootfs / bootimage.STUB)
     out = tmp_path / "trusted.raw"
-    with pytest.raises(HadronError):
+    with pytest.raises(HadronError, match=r"is not systemd-stub: no \.sdmagic"):
         bootimage.build_trusted_disk(img, keys, out)
     assert not out.exists()
 
 
 def test_missing_or_mismatched_keys(tmp_path: Path, keys: secureboot.KeySet) -> None:
-    with pytest.raises(HadronError):
+    with pytest.raises(HadronError, match="nothing-here does not exist"):
         secureboot.load_keys(tmp_path / "nothing-here")
     broken = tmp_path / "broken"
     shutil.copytree(keys.directory, broken)
     shutil.copy(keys.kek.key, broken / keys.db.key.relative_to(keys.directory))
-    with pytest.raises(HadronError):
+    with pytest.raises(HadronError, match=r"db\.key does not match the certificate"):
         secureboot.load_keys(broken)

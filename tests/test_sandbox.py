@@ -94,7 +94,10 @@ def test_environment_is_cleared_and_fixed(tmp_path: Path) -> None:
     assert "leak" not in out
     env = dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
     assert env["LC_ALL"] == "C" and env["TZ"] == "UTC" and env["SOURCE_DATE_EPOCH"] == "42"
-    assert env["PATH"] == sandbox.SANDBOX_PATH and env["HOME"].startswith("/build")
+    # Fixed, not inherited: only the system's own directories, whatever this process's PATH holds.
+    system = {"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"}
+    assert set(env["PATH"].split(":")) <= system
+    assert env["HOME"].startswith("/build")
     assert "0022" in out and sandbox.HOSTNAME in out
 
 
