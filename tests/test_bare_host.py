@@ -10,11 +10,13 @@ point the editable install at that clone.
 Every command inside the root runs in a private mount namespace (proc, sysfs, /dev, /dev/pts and an
 overlay of the host's apt archive cache mounted there), so nothing stays mounted on the host even
 if the test is killed; services cannot start (policy-rc.d exits 101). The root is deleted in all
-cases. Needs root and mmdebstrap; run with `scripts/test -m bare -s tests/test_bare_host.py`.
+cases. Needs root, mmdebstrap, and the network (the host's apt sources, PyPI); run with
+`scripts/test -m bare -s tests/test_bare_host.py`.
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import glob
 import os
@@ -31,7 +33,7 @@ from types import FrameType
 
 import pytest
 
-HOST_CHECK = ["hadron", "--version"]
+HOST_CHECK = ["hadron", "host", "check", "--all"]
 
 SUITE = "bookworm"
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +47,9 @@ ROOT_ENV = {
     "TERM": "dumb",
 }
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+# When the host names a certificate bundle for pip or Python (PIP_CERT, SSL_CERT_FILE, pip's
+# global.cert), the root gets a copy here and uses it too: set-up inside trusts what the host trusts.
+INNER_CA_BUNDLE = "/etc/ssl/host-ca-bundle.pem"
 TAIL_LINES = 60
 
 # Budgets in seconds for each phase; the whole test is bounded by their sum.
@@ -111,10 +116,9 @@ def run(what: str, cmd: list[str], log: Path, timeout: float, stdin: str | None 
         except subprocess.TimeoutExpired:
             status = f"a timeout ({timeout:.0f} s)"
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         out.seek(0)
         output = out.read()
     return Result(what, cmd, status, output, time.monotonic() - start)
@@ -154,12 +158,12 @@ def _one_line_stanzas(text: str) -> Iterator[dict[str, str]]:
                 key, _, value = opt.partition("=")
                 options[key.lower()] = value
         else:
-            kind, _, rest = line.partition(" ")
+            kind, _, rest = re.sub(r"\s+", " ", line).partition(" ")
         words = rest.split()
         if len(words) < 2:
             continue
         yield {"types": kind, "uris": words[0], "suites": words[1], "components": " ".join(words[2:]),
-               "signed-by": options.get("signed-by", "")}
+               "signed-by": options.get("signed-by", "").replace(",", " ")}
 
 
 def host_debian_sources() -> str:
@@ -250,12 +254,63 @@ def remove_work(work: Path) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=True)
 
 
+def host_ca_bundle() -> Path | None:
+    """The certificate bundle the host's pip and Python use, if the host names one."""
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        value = os.environ.get(name)
+        if value and Path(value).is_file():
+            return Path(value)
+    home = Path.home()
+    files = [os.environ.get("PIP_CONFIG_FILE", ""), "/etc/pip.conf", "/etc/xdg/pip/pip.conf",
+             f"{home}/.config/pip/pip.conf", f"{home}/.pip/pip.conf"]
+    for path in filter(None, files):
+        config = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(OSError, configparser.Error):
+            config.read(path)
+        cert = config["global"].get("cert", "") if config.has_section("global") else ""
+        if cert and Path(cert).is_file():
+            return Path(cert)
+    return None
+
+
 def du_bytes(paths: list[Path]) -> int:
     total = 0
     for p in paths:
         with contextlib.suppress(OSError):
             total += p.stat().st_size
     return total
+
+
+def _control_stanzas(path: Path) -> Iterator[dict[str, str]]:
+    with open(path, errors="replace") as f:
+        fields: dict[str, str] = {}
+        for line in f:
+            if line == "\n":
+                if fields:
+                    yield fields
+                fields = {}
+            elif line[0] not in " \t" and ":" in line:
+                name, _, value = line.partition(":")
+                fields[name] = value.strip()
+        if fields:
+            yield fields
+
+
+def installed_packages(root: Path) -> set[tuple[str, str, str]]:
+    """(package, version, architecture) of everything dpkg has installed in root."""
+    return {(s["Package"], s.get("Version", ""), s.get("Architecture", ""))
+            for s in _control_stanzas(root / "var/lib/dpkg/status") if s.get("Status", "").endswith(" installed")}
+
+
+def download_bytes(root: Path, packages: set[tuple[str, str, str]]) -> int:
+    """What downloading packages costs, per the Size fields of root's apt lists."""
+    sizes: dict[tuple[str, str, str], int] = {}
+    for lst in (root / "var/lib/apt/lists").glob("*_Packages"):
+        for s in _control_stanzas(lst):
+            key = (s.get("Package", ""), s.get("Version", ""), s.get("Architecture", ""))
+            if key in packages and s.get("Size", "").isdigit():
+                sizes[key] = int(s["Size"])
+    return sum(sizes.values())
 
 
 @contextlib.contextmanager
@@ -281,6 +336,7 @@ class Root:
         self.phases: list[tuple[str, float]] = []
         self.notes: list[str] = []
         self._n = 0
+        self.env = {**ROOT_ENV, **{k: v for k, v in os.environ.items() if k in PROXY_VARS}}
 
     def host(self, what: str, cmd: list[str], timeout: float, stdin: str | None = None) -> Result:
         self._n += 1
@@ -289,10 +345,9 @@ class Root:
     def inside(self, what: str, cmd: list[str], timeout: float = CHECK_TIMEOUT, cwd: str = INNER_REPO) -> Result:
         cache = HOST_APT_ARCHIVES.is_dir()
         upper, ovl = (str(self.upper), str(self.overlay_work)) if cache else ("", "")
-        env = {**ROOT_ENV, **{k: v for k, v in os.environ.items() if k in PROXY_VARS}}
         full = ["unshare", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", ENTER_ROOT, "enter-root", str(self.path), upper, ovl,
-                "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), "/usr/bin/env", "-C", cwd, *cmd]
+                "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in self.env.items()), "/usr/bin/env", "-C", cwd, *cmd]
         self._n += 1
         res = run(what, full, self.logs / f"{self._n:02d}.log", timeout,
                   env={"PATH": ROOT_ENV["PATH"], "HOST_ARCHIVES": str(HOST_APT_ARCHIVES)})
@@ -320,7 +375,9 @@ class Root:
 def bare_root() -> Iterator[Root]:
     if os.geteuid() != 0:
         pytest.skip("needs root (mmdebstrap, chroot and mounts)")
-    missing = [t for t in ("mmdebstrap", "git", "unshare", "chroot") if shutil.which(t) is None]
+    found = {"mmdebstrap": shutil.which("mmdebstrap"), "git": shutil.which("git"),
+             "unshare": shutil.which("unshare"), "chroot": shutil.which("chroot")}
+    missing = [name for name, path in found.items() if path is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (scripts/host-setup installs them)")
     if not (REPO / ".git").exists():
@@ -362,20 +419,31 @@ def test_host_setup_on_bare_debian(bare_root: Root) -> None:
         if resolv.is_symlink() or resolv.exists():
             resolv.unlink()
         resolv.write_text(Path("/etc/resolv.conf").read_text())
+        bundle = host_ca_bundle()
+        if bundle is not None:
+            inner = r.path / INNER_CA_BUNDLE.lstrip("/")
+            inner.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle, inner)
+            r.env.update(PIP_CERT=INNER_CA_BUNDLE, SSL_CERT_FILE=INNER_CA_BUNDLE)
+            r.notes.append(f"the host's certificate bundle {bundle} is trusted inside (PIP_CERT, SSL_CERT_FILE)")
         (r.path / "var/cache/apt/archives").mkdir(parents=True, exist_ok=True)
         r.upper.mkdir()
         r.overlay_work.mkdir()
         n = copy_repo(r.path / INNER_REPO.lstrip("/"))
         r.notes.append(f"copied {n} files of the working tree to {INNER_REPO}")
+        base = installed_packages(r.path)
 
     with r.phase("host-setup"):
         res = r.inside("host-setup", ["scripts/host-setup"], timeout=SETUP_TIMEOUT)
         assert res.ok, res.describe()
+        added = installed_packages(r.path) - base
         debs = list(r.upper.glob("*.deb"))
-        pip_cache = r.path / "root/.cache/pip"
-        pip_bytes = du_bytes([p for p in pip_cache.rglob("*") if p.is_file()]) if pip_cache.is_dir() else 0
-        r.notes.append(f"host-setup downloaded {len(debs)} .deb files, {du_bytes(debs) / 1e6:.0f} MB "
-                       f"(the rest came from the host's apt cache); pip cache {pip_bytes / 1e6:.0f} MB")
+        venvs = [p for p in (r.path / "opt/hadron").rglob("*") if p.is_file() and not p.is_symlink()]
+        mb = download_bytes(r.path, added) / 1e6
+        cached = (f"{len(debs)} files ({du_bytes(debs) / 1e6:.0f} MB) were not in the host's apt cache"
+                  if HOST_APT_ARCHIVES.is_dir() else "no host apt cache")
+        r.notes.append(f"host-setup installed {len(added)} Debian packages, {mb:.0f} MB to download ({cached}); "
+                       f"/opt/hadron holds {du_bytes(venvs) / 1e6:.0f} MB of venvs")
 
     with r.phase("checks"):
         res = r.inside("hadron link", ["readlink", "-f", "/usr/local/bin/hadron"])
@@ -384,6 +452,7 @@ def test_host_setup_on_bare_debian(bare_root: Root) -> None:
         assert res.ok and "version" in res.output, res.describe()
         res = r.inside("host check", HOST_CHECK)
         assert res.ok, res.describe()
+        r.notes += [f"{' '.join(HOST_CHECK)}: {line}" for line in res.output.splitlines()]
         res = r.inside("test collection", ["scripts/test", "--co", "-q", "tests/test_recipe.py"])
         m = re.search(r"^(\d+) tests? collected", res.output, re.M)
         assert res.ok and m and int(m.group(1)) > 0, res.describe()
