@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 KEYS_HELP = "Key directory made by `hadron keys generate` (default $HADRON_KEYS or ./keys)."
-DEFAULT_TARGETS = "default: the default image of hadron.toml, or every package if it names none"
 
 
 def _keys_dir(keys: Path | None) -> Path:
