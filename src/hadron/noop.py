@@ -131,8 +131,14 @@ class Watch:
                 self.file(os.path.join(dirpath, n))
 
     def code(self) -> None:
-        """Hadron's own code: a changed build-system helper changes keys."""
-        self.tree(CODE_DIR)
+        """Hadron's own code and host table: a changed build-system helper changes keys. Files only:
+        a new module changes nothing until an existing one imports it, and the directories change
+        whenever Python writes a ``__pycache__``."""
+        for dirpath, dirnames, filenames in os.walk(CODE_DIR):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for n in filenames:
+                if n.endswith((".py", ".tsv")):
+                    self.file(os.path.join(dirpath, n))
 
 
 def remember(req: Request, watch: Watch, result: dict[str, Any]) -> None:
