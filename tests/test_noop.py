@@ -108,3 +108,13 @@ def test_a_failed_build_is_not_answered_from_an_older_record(tooled: Project) ->
     assert tooled.hadron("build").returncode == 1
     recipe.write_text(good)
     assert statuses(tooled) == {"liba": "cached", "solo": "cached"}
+
+
+def test_changed_configuration_is_noticed(tooled: Project) -> None:
+    statuses(tooled)
+    profiles = tooled.root / "distro" / "toolchains"
+    (profiles / "u.toml").write_text((profiles / "t.toml").read_text().replace('name = "t"', 'name = "u"'))
+    assert statuses(tooled) == {"liba": "cached", "solo": "cached"}
+    config = tooled.root / "hadron.toml"
+    config.write_text(config.read_text().replace('toolchain = "t"', 'toolchain = "u"'))
+    assert statuses(tooled) == {"liba": "built", "solo": "built"}

@@ -8,7 +8,6 @@ command-line options.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,10 @@ def cache_root(project: Path, cache_dir: Path | None) -> Path:
     configuration files, else ~/.cache/hadron. Reads the files without validating them."""
     if cache_dir is not None:
         return cache_dir
+    if os.environ.get("HADRON_CACHE"):
+        return Path(os.environ["HADRON_CACHE"]).expanduser()
+    import tomllib  # here, not at the top: the no-op path reads no file it does not need
+
     configured: str | None = None
     for path in config_files(project):
         try:
@@ -70,10 +73,12 @@ def cache_root(project: Path, cache_dir: Path | None) -> Path:
             continue
         if isinstance(value, str):
             configured = value
-    return Path(os.environ.get("HADRON_CACHE") or configured or Path.home() / ".cache" / "hadron").expanduser()
+    return Path(configured or Path.home() / ".cache" / "hadron").expanduser()
 
 
 def read_file_config(project: Path) -> FileConfig:
+    import tomllib
+
     from pydantic import ValidationError
 
     from hadron.configfile import FileConfig

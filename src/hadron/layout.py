@@ -38,7 +38,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -315,6 +314,7 @@ def tree_size(path: Path) -> int:
 
 def remove_tree(path: Path) -> None:
     """Remove a file or tree, also where a build left read-only directories; a missing path is fine."""
+    import shutil  # here, not at the top: a no-op build imports this module and removes nothing
 
     def onerror(func: Any, p: str, exc: Any) -> None:
         with contextlib.suppress(OSError):

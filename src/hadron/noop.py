@@ -1,28 +1,28 @@
 """The no-op memo: answer a build whose inputs are all unchanged without loading a recipe.
 
-After a successful ``hadron build``, a record is written (``plans/<request>.json`` in the cache)
-holding the result and everything it was derived from, each with its stamp (size, mtime, inode,
-ctime; absent files too): the recipe directories and every file in them, the image definitions and
-their ``files/`` trees, the toolchain profiles, Hadron's own code and host table, the host's
-os-release, the source files chosen in the store and the ones that would have been preferred, the
-cached outputs and images the result names, the ``out/`` links, and every host program the builds
-may run (looked up on the build PATH again and stamped by the file it resolves to). A request
-whose record still matches in every stamp has the same keys, so the same result; anything else
-(an edited recipe, a changed source digest, a changed host tool or toolchain profile, an output
-removed by gc) falls through to the full build, which writes a new record.
+After a successful ``hadron build``, a record is written (``plans/<checksum>.json`` in the cache)
+holding the request, the result, and everything the result was derived from, each with its stamp
+(size, mtime, inode, ctime; absent files too): hadron.toml and $HADRON_CONFIG, the recipe
+directories and every file in them, the image definitions and their ``files/`` trees, the toolchain
+profiles, Hadron's own code and host table, the host's os-release, the source files chosen in the
+store and the ones that would have been preferred, the cached outputs and images the result names,
+the ``out/`` links, and every host program the builds may run (looked up on the build PATH again
+and stamped by the file it resolves to). A request whose record still matches in every stamp has
+the same keys, so the same result; anything else (an edited recipe or configuration, a changed
+source digest, a changed host tool or toolchain profile, an output removed by gc) falls through to
+the full build, which writes a new record.
 
 Stamps, not contents: an edit that keeps size, mtime and ctime of a file is not seen, as in make or
-ninja; ctime cannot be set back by a user. This module imports nothing beyond the standard library:
-it is the whole of a no-op's work.
+ninja; ctime cannot be set back by a user. This module imports only light parts of the standard
+library (no hashlib, shutil or tomllib): it is the whole of a no-op's work.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +51,9 @@ class Request:
         return cls(project, config.cache_root(project, cache_dir), tuple(targets),
                    tuple(p.resolve() for p in recipes), toolchain)
 
-    def digest(self) -> str:
-        doc = {
+    def identity(self) -> str:
+        """The request as text; the configuration files' contents are stamps in the record."""
+        return json.dumps({
             "v": VERSION,
             "project": str(self.project),
             "cache": str(self.cache_dir),
@@ -60,15 +61,14 @@ class Request:
             "recipes": [str(p) for p in self.recipes],
             "toolchain": self.toolchain,
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HADRON_")},
-            "config": [[str(p), hashlib.sha256(p.read_bytes()).hexdigest()]
-                       for p in config.config_files(self.project)],
-        }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        }, sort_keys=True)
 
     def record_path(self) -> Path:
+        """Where the record lives: named by a checksum of the identity, which the record holds in
+        full (two requests sharing a name only overwrite each other's record)."""
         from hadron.layout import CacheLayout
 
-        return CacheLayout(self.cache_dir).plan(self.digest())
+        return CacheLayout(self.cache_dir).plan(f"{zlib.crc32(self.identity().encode()):08x}")
 
 
 def stamp(path: str) -> str | None:
@@ -82,11 +82,20 @@ def stamp(path: str) -> str | None:
 
 def tool_stamp(name: str, path: str) -> str | None:
     """Where a host program resolves on the build PATH, and the stamp of the file it is."""
-    found = shutil.which(name, path=path)
+    found = which(name, path)
     if found is None:
         return None
     real = os.path.realpath(found)
     return f"{found}>{real}@{stamp(real)}"
+
+
+def which(name: str, path: str) -> str | None:
+    """The first executable ``name`` on ``path`` (what shutil.which finds, without importing shutil)."""
+    for d in path.split(os.pathsep):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    return None
 
 
 def answer(req: Request) -> dict[str, Any] | None:
@@ -95,7 +104,7 @@ def answer(req: Request) -> dict[str, Any] | None:
         rec = json.loads(req.record_path().read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("v") != VERSION:
+    if rec.get("v") != VERSION or rec.get("request") != req.identity():
         return None
     for path, st in rec["watch"]:
         if stamp(path) != st:
@@ -145,6 +154,7 @@ def remember(req: Request, watch: Watch, result: dict[str, Any]) -> None:
     """Write the record for ``req`` atomically (a no-op never reads a half-written one)."""
     rec = {
         "v": VERSION,
+        "request": req.identity(),
         "watch": sorted(watch.paths.items()),
         "path": watch.search_path,
         "tools": sorted((t, tool_stamp(t, watch.search_path)) for t in watch.tools),

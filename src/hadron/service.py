@@ -10,6 +10,7 @@ images whose packages all built.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,9 @@ def remember(ctx: Context, req: noop.Request, outcome: Outcome, doc: dict[str, A
     for sub in ("images", "toolchains"):
         watch.tree(s.project / "distro" / sub)
     watch.code()
+    watch.file(s.project / "hadron.toml")
+    if "HADRON_CONFIG" in os.environ:
+        watch.file(os.environ["HADRON_CONFIG"])
     for p in host.OS_RELEASE:
         watch.file(p)
     watch.tools.update(host.BASE_HOST_TOOLS)
