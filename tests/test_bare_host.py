@@ -33,6 +33,8 @@ from types import FrameType
 
 import pytest
 
+from hadron.engine.mirrors import debian_binary_sources
+
 HOST_CHECK = ["hadron", "host", "check", "--all"]
 
 SUITE = "bookworm"
@@ -122,76 +124,6 @@ def run(what: str, cmd: list[str], log: Path, timeout: float, stdin: str | None 
         out.seek(0)
         output = out.read()
     return Result(what, cmd, status, output, time.monotonic() - start)
-
-
-# --- the host's Debian apt sources -----------------------------------------------------------
-
-
-def _deb822_stanzas(text: str) -> Iterator[dict[str, str]]:
-    fields: dict[str, str] = {}
-    name = ""
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("#"):
-            continue
-        if not line.strip():
-            if fields:
-                yield fields
-            fields, name = {}, ""
-        elif line[0] in " \t" and name:
-            fields[name] += "\n" + line.strip()
-        elif ":" in line:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            fields[name] = value.strip()
-
-
-def _one_line_stanzas(text: str) -> Iterator[dict[str, str]]:
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        options: dict[str, str] = {}
-        m = re.match(r"^(\S+)\s+\[([^\]]*)\]\s+(.*)$", line)
-        if m:
-            kind, opts, rest = m.groups()
-            for opt in opts.split():
-                key, _, value = opt.partition("=")
-                options[key.lower()] = value
-        else:
-            kind, _, rest = re.sub(r"\s+", " ", line).partition(" ")
-        words = rest.split()
-        if len(words) < 2:
-            continue
-        yield {"types": kind, "uris": words[0], "suites": words[1], "components": " ".join(words[2:]),
-               "signed-by": options.get("signed-by", "").replace(",", " ")}
-
-
-def host_debian_sources() -> str:
-    """The host's apt sources for Debian 12 binary packages (signed by Debian's keyring), as deb822."""
-    stanzas: list[dict[str, str]] = []
-    one_line = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]
-    for path in one_line:
-        with contextlib.suppress(OSError):
-            stanzas += _one_line_stanzas(Path(path).read_text())
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        with contextlib.suppress(OSError):
-            stanzas += _deb822_stanzas(Path(path).read_text())
-    out = []
-    for s in stanzas:
-        if "deb" not in s.get("types", "").split() or s.get("enabled", "yes").lower() == "no":
-            continue
-        suites = [x for x in s.get("suites", "").split() if x == SUITE or x.startswith(f"{SUITE}-")]
-        keys = s.get("signed-by", "").split()
-        if not suites or not s.get("uris") or "\n" in s.get("signed-by", ""):
-            continue
-        if any(not os.path.basename(k).startswith("debian-archive") for k in keys):
-            continue
-        stanza = [f"Types: deb\nURIs: {s['uris']}\nSuites: {' '.join(suites)}\n"
-                  f"Components: {s.get('components') or 'main'}"]
-        if keys:
-            stanza.append(f"Signed-By: {' '.join(keys)}")
-        out.append("\n".join(stanza))
-    return "\n\n".join(out) + "\n" if out else ""
 
 
 # --- the root ---------------------------------------------------------------------------------
@@ -382,7 +314,7 @@ def bare_root() -> Iterator[Root]:
         pytest.skip(f"needs {', '.join(missing)} (scripts/host-setup installs them)")
     if not (REPO / ".git").exists():
         pytest.skip("needs a git working tree to copy")
-    if not host_debian_sources():
+    if not debian_binary_sources(SUITE):
         pytest.skip(f"the host's apt configuration has no Debian {SUITE} sources")
     with sigterm_as_interrupt():
         work = Path(tempfile.mkdtemp(prefix="hadron-bare-", dir="/var/tmp"))
@@ -404,7 +336,7 @@ def test_host_setup_on_bare_debian(bare_root: Root) -> None:
         res = r.host("mmdebstrap", ["unshare", "--mount", "--propagation", "private", "--",
                                     "mmdebstrap", "--mode=root", "--variant=minbase", "--verbose",
                                     SUITE, str(r.path), "-"],
-                     MMDEBSTRAP_TIMEOUT, stdin=host_debian_sources())
+                     MMDEBSTRAP_TIMEOUT, stdin=debian_binary_sources(SUITE))
         assert res.ok, res.describe()
         sizes = re.findall(r"^(?:Need to get|Fetched) .*$", res.output, re.M)
         r.notes.append(f"mmdebstrap downloads: {'; '.join(sizes) or 'not reported'}")

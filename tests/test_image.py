@@ -190,3 +190,26 @@ def test_docker_load_and_run(mini: Project) -> None:
     subprocess.run([docker, "load", "-i", str(archive)], check=True, capture_output=True)
     res = subprocess.run([docker, "run", "--rm", "--network=none", "hadron/mini:0.1"], capture_output=True, text=True)
     assert res.stdout == "hello from hadron\n", res.stderr
+
+
+def test_update_stamps_match_usr_so_first_boot_skips_update_units(tmp_path: Path) -> None:
+    """systemd's ConditionNeedsUpdate=/etc|/var is true when /usr is newer than <dir>/.updated."""
+    from types import SimpleNamespace
+
+    from hadron.image.assembly import mark_updated
+
+    root = tmp_path / "rootfs"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/systemctl").write_text("")
+    os.utime(root / "usr", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    mark_updated(SimpleNamespace(rootfs=root))  # type: ignore[arg-type]
+    usr = (root / "usr").stat().st_mtime_ns
+    for d in ("etc", "var"):
+        stamp = root / d / ".updated"
+        assert stamp.stat().st_mtime_ns == usr
+        assert f"TIMESTAMP_NSEC={usr}\n" in stamp.read_text()
+    # An image without systemd gets no stamps.
+    bare = tmp_path / "bare"
+    (bare / "usr").mkdir(parents=True)
+    mark_updated(SimpleNamespace(rootfs=bare))  # type: ignore[arg-type]
+    assert not (bare / "etc/.updated").exists()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hadron.engine.mirrors import DebianProvider, apt_debian_uris, make_providers, pool_prefix
+from hadron.engine.mirrors import DebianProvider, apt_debian_uris, debian_binary_sources, make_providers, pool_prefix
 from hadron.engine.recipe import MirrorAlternative, Source
 from hadron.errors import HadronError
 
@@ -29,6 +29,28 @@ def test_apt_configuration_deb822_and_one_line(tmp_path: Path) -> None:
     (d / "other.list").write_text("deb [arch=amd64] https://third.invalid/apt stable main\n")
     (tmp_path / "sources.list").write_text("# comment\ndeb http://old.invalid/debian/ bookworm main contrib\n")
     assert apt_debian_uris(tmp_path) == ["http://old.invalid/debian", "http://mirror.invalid/debian"]
+
+
+def test_debian_binary_sources_for_mmdebstrap(tmp_path: Path) -> None:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    key = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    (d / "debian.sources").write_text(
+        f"Types: deb deb-src\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates trixie\n"
+        f"Components: main contrib\nSigned-By: {key}\n\n"
+        "Types: deb\nURIs: http://vendor.invalid/debian\nSuites: bookworm\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/vendor.gpg\n\n"
+        "Types: deb-src\nURIs: http://src.invalid/debian\nSuites: bookworm\nComponents: main\n"
+    )
+    (tmp_path / "sources.list").write_text(
+        f"deb [signed-by={key}] http://sec.invalid/debian-security bookworm-security main\n"
+        "deb http://old.invalid/debian bullseye main\n")
+    assert debian_binary_sources("bookworm", tmp_path) == (
+        f"Types: deb\nURIs: http://sec.invalid/debian-security\nSuites: bookworm-security\nComponents: main\n"
+        f"Signed-By: {key}\n\n"
+        f"Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n"
+        f"Components: main contrib\nSigned-By: {key}\n")
+    assert debian_binary_sources("sid", tmp_path) == ""
 
 
 def test_debian_candidates_use_pool_path_and_digests() -> None:

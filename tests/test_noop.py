@@ -118,3 +118,28 @@ def test_changed_configuration_is_noticed(tooled: Project) -> None:
     config = tooled.root / "hadron.toml"
     config.write_text(config.read_text().replace('toolchain = "t"', 'toolchain = "u"'))
     assert statuses(tooled) == {"liba": "built", "solo": "built"}
+
+
+def test_an_edit_made_while_building_is_noticed(tooled: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo holds the inputs as they were when the build read them, not as they are when it ends."""
+    from hadron import noop, service
+
+    statuses(tooled)
+    recipe = tooled.packages / "liba.toml"
+    real_build = service.build
+
+    def build_then_edit(ctx, targets, quiet=False):  # type: ignore[no-untyped-def]
+        outcome = real_build(ctx, targets, quiet=quiet)
+        recipe.write_text(recipe.read_text().replace('summary = "synthetic make package"', 'summary = "edited"'))
+        return outcome
+
+    monkeypatch.setattr(service, "build", build_then_edit)
+    monkeypatch.chdir(tooled.root)
+    monkeypatch.setenv("HADRON_MIRRORS", "")
+    monkeypatch.setenv("HADRON_CACHE", str(tooled.cache))
+    monkeypatch.delenv("HADRON_CONFIG", raising=False)
+    req = noop.Request.make([], [], None, None)  # as `hadron build` makes it
+    noop.forget(req)  # a full build, as if something had changed
+    assert service.build_request(req, quiet=True)["ok"]
+    monkeypatch.undo()
+    assert statuses(tooled) == {"liba": "built", "solo": "cached"}

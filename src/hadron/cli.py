@@ -333,9 +333,11 @@ def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, ca
 
 
 def _report_boot(name: str, res: BootResult, extra: dict[str, Any], *, ok: bool, as_json: bool) -> None:
+    analyze = res.reported("TIME")
     info: dict[str, Any] = {"image": name, "state": res.state, "failed_units": res.failed, "ok": ok,
                             "seconds_to_multi_user": res.seconds_to_check,
-                            "seconds_total": round(res.seconds_total, 1), **extra}
+                            "seconds_total": round(res.seconds_total, 1),
+                            "systemd_analyze_time": analyze[0] if analyze else None, **extra}
     if not ok:
         info["console_tail"] = res.console[-8000:]
     if as_json:
@@ -345,6 +347,8 @@ def _report_boot(name: str, res: BootResult, extra: dict[str, Any], *, ok: bool,
         more = "".join(f" {k}={v}" for k, v in extra.items())
         click.echo(f"\nboot check: state={res.state} failed={res.failed or 'none'}; "
                    f"multi-user.target reached after {t} (QEMU start to report){more}", err=True)
+        if analyze:
+            click.echo(f"systemd-analyze: {analyze[0]}", err=True)
     sys.exit(0 if ok else 1)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hadron import host, noop
-from hadron.config import load_settings
+from hadron.config import Settings, load_settings
 from hadron.context import Context
 from hadron.engine import sandbox
 from hadron.engine.progress import Reporter
@@ -129,21 +129,23 @@ def build_request(req: noop.Request, *, jobs: int | None = None, offline: bool =
     if doc is not None:
         doc["seconds"] = round(time.monotonic() - t0, 3)
         return doc
-    ctx = Context(load_settings(project=req.project, extra_recipes=list(req.recipes), toolchain=req.toolchain,
-                                cache_dir=req.cache_dir, jobs=jobs, offline=offline, keep_going=keep_going,
-                                check=check))
+    settings = load_settings(project=req.project, extra_recipes=list(req.recipes), toolchain=req.toolchain,
+                             cache_dir=req.cache_dir, jobs=jobs, offline=offline, keep_going=keep_going,
+                             check=check)
+    watch = watch_inputs(settings)  # before anything is read: an edit during the build is a change
+    ctx = Context(settings)
     outcome = build(ctx, list(req.targets), quiet=quiet)
     doc = result_doc(outcome, time.monotonic() - t0)
     if outcome.ok:
-        remember(ctx, req, outcome, doc)
+        remember(ctx, req, watch, outcome, doc)
     else:
         noop.forget(req)
     return doc
 
 
-def remember(ctx: Context, req: noop.Request, outcome: Outcome, doc: dict[str, Any]) -> None:
-    """Record everything ``doc`` was derived from (see :mod:`hadron.noop`)."""
-    s = ctx.settings
+def watch_inputs(s: Settings) -> noop.Watch:
+    """Stamps of the build's inputs (recipes, images, toolchain profiles, Hadron's code, configuration,
+    the host's release), taken before the build reads them."""
     watch = noop.Watch(host.sandbox_path(s.extra_path))
     for d in s.recipe_dirs:
         watch.tree(d)
@@ -156,6 +158,13 @@ def remember(ctx: Context, req: noop.Request, outcome: Outcome, doc: dict[str, A
     for p in host.OS_RELEASE:
         watch.file(p)
     watch.tools.update(host.BASE_HOST_TOOLS)
+    return watch
+
+
+def remember(ctx: Context, req: noop.Request, watch: noop.Watch, outcome: Outcome, doc: dict[str, Any]) -> None:
+    """Record everything ``doc`` was derived from (see :mod:`hadron.noop`): ``watch`` holds the inputs'
+    stamps from before the build; the outputs, sources and host tools it used are added now."""
+    s = ctx.settings
     for n, r in outcome.summary.results.items():
         assert r.output is not None
         watch.file(r.output.path / "digest")

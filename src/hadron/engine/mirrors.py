@@ -42,31 +42,26 @@ def pool_prefix(package: str) -> str:
     return package[0]
 
 
-def apt_debian_uris(etc_apt: Path = Path("/etc/apt")) -> list[str]:
-    """Base URIs of the Debian archive named by the host's apt configuration, in file order.
+@dataclass(frozen=True)
+class AptEntry:
+    """One repository line or deb822 stanza of the host's apt configuration (enabled ones only)."""
 
-    Security and third-party repositories are skipped: an archive qualifies when one of its
-    suites is a plain Debian suite (no ``-security``) and it has the ``main`` component.
-    """
-    uris: list[str] = []
+    types: tuple[str, ...]
+    uris: tuple[str, ...]
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+    signed_by: tuple[str, ...]
 
-    def consider(uri: str, suites: list[str], components: list[str]) -> None:
-        if "main" not in components:
-            return
-        if not any(s and not s.endswith("-security") and "/" not in s for s in suites):
-            return
-        uri = uri.rstrip("/")
-        if uri.endswith("-security"):
-            return
-        if uri not in uris:
-            uris.append(uri)
 
+def apt_entries(etc_apt: Path = Path("/etc/apt")) -> list[AptEntry]:
+    """The enabled entries of ``sources.list`` and ``sources.list.d/*.list|*.sources``, in file order."""
     files: list[Path] = []
     if (etc_apt / "sources.list").is_file():
         files.append(etc_apt / "sources.list")
     d = etc_apt / "sources.list.d"
     if d.is_dir():
         files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
+    entries: list[AptEntry] = []
     for f in files:
         try:
             text = f.read_text(encoding="utf-8", errors="replace")
@@ -76,17 +71,57 @@ def apt_debian_uris(etc_apt: Path = Path("/etc/apt")) -> list[str]:
             for para in Deb822.iter_paragraphs(text.splitlines()):
                 if para.get("Enabled", "yes").strip().lower() == "no":
                     continue
-                types = para.get("Types", "").split()
-                if "deb" not in types and "deb-src" not in types:
-                    continue
-                for uri in para.get("URIs", "").split():
-                    consider(uri, para.get("Suites", "").split(), para.get("Components", "").split())
+                signed = para.get("Signed-By", "")
+                entries.append(AptEntry(
+                    tuple(para.get("Types", "").split()), tuple(para.get("URIs", "").split()),
+                    tuple(para.get("Suites", "").split()), tuple(para.get("Components", "").split()),
+                    () if "\n" in signed.strip() else tuple(signed.split())))  # an inline key is not a path
         else:
-            for line in text.splitlines():
-                line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()  # type: ignore[assignment]
-                if len(line) >= 4 and line[0] in ("deb", "deb-src"):
-                    consider(line[1], [line[2]], list(line[3:]))
+            for raw in text.splitlines():
+                line = raw.split("#", 1)[0]
+                options = dict(o.partition("=")[::2] for o in " ".join(re.findall(r"\[([^\]]*)\]", line)).split())
+                words = re.sub(r"\[[^\]]*\]", " ", line).split()
+                if len(words) >= 4 and words[0] in ("deb", "deb-src"):
+                    entries.append(AptEntry((words[0],), (words[1],), (words[2],), tuple(words[3:]),
+                                            tuple(options.get("signed-by", "").replace(",", " ").split())))
+    return entries
+
+
+def apt_debian_uris(etc_apt: Path = Path("/etc/apt")) -> list[str]:
+    """Base URIs of the Debian archive named by the host's apt configuration, in file order.
+
+    Security and third-party repositories are skipped: an archive qualifies when one of its
+    suites is a plain Debian suite (no ``-security``) and it has the ``main`` component.
+    """
+    uris: list[str] = []
+    for e in apt_entries(etc_apt):
+        if ("deb" not in e.types and "deb-src" not in e.types) or "main" not in e.components:
+            continue
+        if not any(s and not s.endswith("-security") and "/" not in s for s in e.suites):
+            continue
+        for uri in e.uris:
+            uri = uri.rstrip("/")
+            if not uri.endswith("-security") and uri not in uris:
+                uris.append(uri)
     return [u for u in uris if _looks_like_debian(u)]
+
+
+def debian_binary_sources(suite: str, etc_apt: Path = Path("/etc/apt")) -> str:
+    """The host's apt sources for ``suite`` (and its -updates/-security) binary packages signed by
+    Debian's archive keyring, as deb822 text for mmdebstrap; empty when there are none."""
+    out: list[str] = []
+    for e in apt_entries(etc_apt):
+        suites = [s for s in e.suites if s == suite or s.startswith(f"{suite}-")]
+        if "deb" not in e.types or not suites or not e.uris:
+            continue
+        if any(not Path(k).name.startswith("debian-archive") for k in e.signed_by):
+            continue
+        stanza = (f"Types: deb\nURIs: {' '.join(e.uris)}\nSuites: {' '.join(suites)}\n"
+                  f"Components: {' '.join(e.components) or 'main'}")
+        if e.signed_by:
+            stanza += f"\nSigned-By: {' '.join(e.signed_by)}"
+        out.append(stanza)
+    return "\n\n".join(out) + "\n" if out else ""
 
 
 def _looks_like_debian(uri: str) -> bool:

@@ -227,7 +227,7 @@ def configure_system(b: ImageBuild) -> None:
     if (r / "usr/bin/systemctl").exists():
         cmds.append("systemctl preset-all")
     if (r / "usr/bin/journalctl").exists():
-        cmds.append("journalctl --update-catalog || true")
+        cmds.append("journalctl --update-catalog")
     mid = etc / "machine-id"
     with contextlib.suppress(FileNotFoundError):
         mid.unlink()
@@ -244,6 +244,33 @@ def configure_system(b: ImageBuild) -> None:
     # First boot: an empty machine-id tells systemd to generate one (and run presets again).
     mid.write_text("")
     mid.chmod(0o444)
+
+
+# Part of every image key: bumped when the steps change what an image contains, so that images
+# are assembled again without rebuilding any package.
+ASSEMBLY_VERSION = "2"
+
+UPDATED_STAMP = """\
+# The modification time of /usr for which /etc and /var were last updated (the format of
+# systemd-update-done, which the image build stands in for: users, groups and the journal catalog
+# were made then). ConditionNeedsUpdate= is false until /usr changes.
+TIMESTAMP_NSEC={nsec}
+"""
+
+
+def mark_updated(b: ImageBuild) -> None:
+    """Stamp /etc and /var as up to date with this /usr, so the first boot does not redo the work
+    ``configure_system`` did (systemd-sysusers, journal catalog, systemd-update-done), and an image
+    derived with a changed /usr still gets it redone at its boot."""
+    r = b.rootfs
+    if not (r / "usr/bin/systemctl").exists():
+        return
+    usr = (r / "usr").stat()
+    for d in ("etc", "var"):
+        stamp = r / d / ".updated"
+        stamp.parent.mkdir(exist_ok=True)
+        stamp.write_text(UPDATED_STAMP.format(nsec=usr.st_mtime_ns))
+        os.utime(stamp, ns=(usr.st_mtime_ns, usr.st_mtime_ns))
 
 
 def check_setuid(b: ImageBuild) -> None:
@@ -286,6 +313,7 @@ STEPS: list[Step] = [
     write_os_release,
     write_component_manifest,
     configure_system,
+    mark_updated,
     check_setuid,
     write_oci,
 ]
@@ -294,6 +322,7 @@ STEPS: list[Step] = [
 def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, arch: str, epoch: int) -> str:
     doc = {
         "logic": BUILD_LOGIC_VERSION,
+        "assembly": ASSEMBLY_VERSION,
         "image": image.digest(),
         "outputs": {n: o.digest() for n, o in sorted(outputs.items())},
         "toolchain": toolchain,
