@@ -40,7 +40,9 @@ def test_debian_binary_sources_for_mmdebstrap(tmp_path: Path) -> None:
         f"Components: main contrib\nSigned-By: {key}\n\n"
         "Types: deb\nURIs: http://vendor.invalid/debian\nSuites: bookworm\nComponents: main\n"
         "Signed-By: /usr/share/keyrings/vendor.gpg\n\n"
-        "Types: deb-src\nURIs: http://src.invalid/debian\nSuites: bookworm\nComponents: main\n"
+        "Types: deb-src\nURIs: http://src.invalid/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\nURIs: http://inline.invalid/debian\nSuites: bookworm\nComponents: main\n"
+        "Signed-By:\n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n -----END PGP PUBLIC KEY BLOCK-----\n"
     )
     (tmp_path / "sources.list").write_text(
         f"deb [signed-by={key}] http://sec.invalid/debian-security bookworm-security main\n"

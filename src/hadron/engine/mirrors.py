@@ -42,6 +42,9 @@ def pool_prefix(package: str) -> str:
     return package[0]
 
 
+INLINE_KEY = "<inline key>"  # Signed-By holding the key itself rather than a keyring path
+
+
 @dataclass(frozen=True)
 class AptEntry:
     """One repository line or deb822 stanza of the host's apt configuration (enabled ones only)."""
@@ -75,7 +78,7 @@ def apt_entries(etc_apt: Path = Path("/etc/apt")) -> list[AptEntry]:
                 entries.append(AptEntry(
                     tuple(para.get("Types", "").split()), tuple(para.get("URIs", "").split()),
                     tuple(para.get("Suites", "").split()), tuple(para.get("Components", "").split()),
-                    () if "\n" in signed.strip() else tuple(signed.split())))  # an inline key is not a path
+                    (INLINE_KEY,) if "\n" in signed.strip() else tuple(signed.split())))
         else:
             for raw in text.splitlines():
                 line = raw.split("#", 1)[0]
