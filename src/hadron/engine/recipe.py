@@ -81,8 +81,13 @@ class Source(_Strict):
         "digest exists and an alternative pins a repack",
     )
     filename: Annotated[str, Field(pattern=r"^[A-Za-z0-9+._~-]+$")] | None = None
-    signature: Annotated[str, Field(pattern=r"^(https?|ftp)://\S+$")] | None = None
-    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9A-F]{40}$")] | None = None
+    signature: Annotated[str, Field(pattern=r"^(https?|ftp)://\S+$")] | None = Field(
+        default=None, description="where upstream publishes its signature of the file, for auditors; fetching "
+        "does not check signatures (the pinned sha256 is the check)",
+    )
+    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9A-F]{40}$")] | None = Field(
+        default=None, description="the signing key's OpenPGP fingerprint, for auditors (not checked by fetching)",
+    )
     extract: bool = True
     strip_components: Annotated[int, Field(ge=0, le=4)] = 1
     destination: str = Field(default="", description="sub-directory of /src to unpack into")
