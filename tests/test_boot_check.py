@@ -47,3 +47,10 @@ def test_console_reports_are_parsed() -> None:
     assert r.reported("CHAIN") == ["graphical.target @17.0s", "└─multi-user.target @16.9s"]
     assert r.reported("CPU") == ["cpu  1228 0 1314 162 13 0 2 0 0 0"]
     assert r.reported("BLAME") == []
+
+
+def test_probe_is_installed_executable_and_run_by_the_check(tmp_path: Path) -> None:
+    qemu.add_check_unit(tmp_path, probe="#!/bin/sh\necho hello\n")
+    probe = tmp_path / qemu.PROBE
+    assert probe.read_text() == "#!/bin/sh\necho hello\n" and probe.stat().st_mode & 0o111
+    assert f"/{qemu.PROBE} 2>&1 | say PROBE" in exec_start_script()

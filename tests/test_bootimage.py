@@ -82,7 +82,10 @@ def test_trusted_disk_layout_and_signatures(tmp_path: Path, keys: secureboot.Key
     assert {"init", "etc/initrd-release", "etc/hostname"} <= set(listing)
     assert not any(n.startswith("boot") for n in listing)
     pcrsig = json.loads(sections[".pcrsig"].rstrip(b"\0"))
-    assert len(pcrsig["sha256"]) == len(bootimage.SIGNED_PHASES)
+    # the standard phases, then the initrd-only policy under the reference "initrd"
+    assert len(pcrsig["sha256"]) == len(bootimage.SIGNED_PHASES) + 1
+    assert [e.get("ref") for e in pcrsig["sha256"]] == [None] * len(bootimage.SIGNED_PHASES) + ["initrd"]
+    assert pcrsig["sha256"][-1]["pol"] == pcrsig["sha256"][0]["pol"]  # enter-initrd, as the first
     booted = bootimage.expected_booted_pcr11(d.uki)
     assert bootimage.policy_covers(d.uki, booted, keys.pcr_public_key)
     assert not bootimage.policy_covers(d.uki, "00" * 32, keys.pcr_public_key)

@@ -59,3 +59,13 @@ def test_cross_toolchain_is_bootstrapped_from_its_own_libc() -> None:
     gcc = g.transitive_build_inputs("gcc-cross")
     assert "musl-boot" in gcc and "musl" not in gcc
     assert "musl-boot" not in g.transitive_build_inputs("systemd")
+
+
+def test_core_carries_the_security_user_space_and_children_keep_its_replacements() -> None:
+    g = Graph(RECIPES, load_toolchain(ROOT, "host").packages)
+    core = shipped(g, "core")
+    # what systemd's TPM2, dm-verity, repart and sysupdate tools load, and what repart and fsck run
+    assert {"openssl", "tpm2-tss", "cryptsetup", "device-mapper", "curl", "e2fsprogs", "erofs-utils"} <= set(core)
+    assert IMAGES["core"].spec.replaces == {"e2fsprogs": ["busybox"]}
+    # an image that extends core adds its own replacements to core's
+    assert IMAGES["core-grub"].spec.replaces == {"e2fsprogs": ["busybox"], "coreutils": ["busybox"]}

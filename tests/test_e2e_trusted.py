@@ -1,7 +1,10 @@
 """The trusted boot path, end to end: the core image's signed UKI and systemd-boot on a GPT disk, booted
 by OVMF with Secure Boot enforced (our test keys enrolled) and a swtpm TPM 2.0. The system must reach
-multi-user.target with zero failed units and read the PCR 11 the UKI predicts; the same disk with one
-byte of the UKI changed must be refused by the firmware. Marked e2e; CI runs it after the core tier
+multi-user.target with zero failed units and read the PCR 11 the UKI predicts after systemd-pcrphase's
+measurements; a secret it seals to the signed PCR 11 policy must unseal on that boot and on a renewed
+UKI signed with the same key, and be refused after PCR 11 is extended, under a UKI whose policy another
+key signed, and without a TPM; the same disk with one byte of the UKI changed must be refused by the
+firmware. Marked e2e; CI runs it after the core tier
 (the image is cached by then)."""
 
 from __future__ import annotations
@@ -48,9 +51,19 @@ def test_signed_uki_boots_with_secure_boot_and_pcr11_matches(keys: Path) -> None
     assert info["state"] == "running" and info["failed_units"] == []
     assert info["pcr11"] == info["pcr11_expected"]
     assert info["pcr11_policy_signed"] is True
+    # The unseal matrix: a secret the booted system sealed to the UKI's signed PCR 11 policy.
+    verdicts = {c["case"]: c["result"] for c in info["unseal"]}
+    assert verdicts == {"signed-boot": "unsealed", "after-pcrextend": "refused", "renewed-uki": "unsealed",
+                        "other-pcr-key": "refused", "no-tpm": "refused"}, info["unseal"]
+    assert info["unseal_ok"] is True
+    # each refusal carries systemd's own reason
+    assert all(c["detail"] for c in info["unseal"] if c["result"] == "refused")
     print(f"\nSecure Boot + TPM boot: multi-user.target after {info['seconds_to_multi_user']:.1f}s; "
           f"disk {info['disk_bytes'] / 2**20:.0f} MiB, UKI {info['uki_bytes'] / 2**20:.1f} MiB; "
           f"PCR 11 {info['pcr11']}")
+    for c in info["unseal"]:
+        print(f"  unseal {c['case']}: {c['result']} (boot {info['unseal_boot_seconds'].get(c['case'], 0):.0f}s)"
+              + (f" - {c['detail'][:160]}" if c["result"] == "refused" else ""))
 
 
 def test_tampered_uki_is_refused_by_the_firmware(keys: Path, tmp_path: Path) -> None:

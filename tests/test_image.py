@@ -213,3 +213,70 @@ def test_update_stamps_match_usr_so_first_boot_skips_update_units(tmp_path: Path
     (bare / "usr").mkdir(parents=True)
     mark_updated(SimpleNamespace(rootfs=bare))  # type: ignore[arg-type]
     assert not (bare / "etc/.updated").exists()
+
+
+DLOPEN_C = r'''
+#define DESC "[{\"feature\":\"tpm\",\"description\":\"Support for TPM\",\"priority\":\"suggested\"," \
+  "\"soname\":[\"libtss2-esys.so.0\"]},{\"feature\":\"crypto\",\"priority\":\"required\"," \
+  "\"soname\":[\"libcrypto.so.4\",\"libcrypto.so.3\"]}]"
+struct note { unsigned namesz, descsz, type; char name[4]; char desc[(sizeof(DESC) + 3) & ~3]; };
+__attribute__((section(".note.dlopen"), aligned(4), used))
+static const struct note dlopen_note = { 4, sizeof(DESC), 0x407c0c0a, "FDO", DESC };
+int main(void) { return 0; }
+'''
+
+
+def test_dlopen_metadata_names_libraries_the_image_must_carry(tmp_path: Path) -> None:
+    """A program's .note.dlopen (systemd's libcrypto, tpm2-tss, libcryptsetup, ...) names libraries it
+    loads at run time: assembly fails while one is missing, and passes once it is there or the image
+    says why it is left out."""
+    from types import SimpleNamespace
+
+    from hadron.errors import HadronError
+    from hadron.image.assembly import check_dlopen, dlopen_metadata
+
+    root = tmp_path / "rootfs"
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (tmp_path / "prog.c").write_text(DLOPEN_C)
+    subprocess.run(["cc", "-o", str(root / "usr/bin/prog"), str(tmp_path / "prog.c")], check=True)
+    entries = dlopen_metadata(root / "usr/bin/prog")
+    assert [e["feature"] for e in entries] == ["tpm", "crypto"]
+    assert entries[1]["soname"] == ["libcrypto.so.4", "libcrypto.so.3"]
+    notes: list[str] = []
+    spec = SimpleNamespace(dlopen_absent={})
+    b = SimpleNamespace(rootfs=root, image=SimpleNamespace(name="t", spec=spec, path=tmp_path / "t.toml"),
+                        note=notes.append)
+    with pytest.raises(HadronError) as ei:
+        check_dlopen(b)  # type: ignore[arg-type]
+    msg = str(ei.value)
+    assert "libcrypto.so.4 | libcrypto.so.3: named by /usr/bin/prog (crypto, required)" in msg
+    assert "libtss2-esys.so.0: named by /usr/bin/prog (tpm, suggested)" in msg
+    assert "dlopen_absent" in ei.value.hint
+    # one of the alternatives is enough; the other library is left out with a reason
+    (root / "usr/lib/libcrypto.so.3").write_bytes(b"")
+    spec.dlopen_absent = {"libtss2-esys.so.0": "no TPM on this machine class"}
+    check_dlopen(b)  # type: ignore[arg-type]
+    assert "2 entries naming 2 libraries" in notes[-1] and "libtss2-esys.so.0" in notes[-1]
+
+
+def test_hard_links_stay_one_file_through_copy_and_strip(mini: Project, tmp_path: Path) -> None:
+    """A package's hard links (e2fsprogs' e2fsck = fsck.ext4) are one stripped file in the image and
+    in its OCI layer, and the image size counts it once."""
+    recipe = mini.packages / "hello.toml"
+    recipe.write_text(recipe.read_text().replace(
+        'ln -s ../usr/bin/hello "$DESTDIR/bin/hi"',
+        'ln -s ../usr/bin/hello "$DESTDIR/bin/hi"\nln "$DESTDIR/usr/bin/hello" "$DESTDIR/usr/bin/hello.twin"'))
+    info = build_image(mini, "mini")
+    rootfs = Path(str(info["path"])) / "rootfs"
+    one, twin = (rootfs / "usr/bin/hello").stat(), (rootfs / "usr/bin/hello.twin").stat()
+    assert (one.st_ino, one.st_nlink) == (twin.st_ino, 2)
+    assert b".debug_info" not in (rootfs / "usr/bin/hello.twin").read_bytes()
+    record = json.loads((Path(str(info["path"])) / "image.json").read_text())
+    every_name = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(rootfs) for f in fs)
+    assert record["rootfs_bytes"] == every_name - one.st_size
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{Path(str(info['path'])) / 'oci'}:0.1", str(bundle)],
+                   check=True, capture_output=True)
+    a, b = (bundle / "rootfs/usr/bin/hello").stat(), (bundle / "rootfs/usr/bin/hello.twin").stat()
+    assert a.st_ino == b.st_ino

@@ -311,3 +311,33 @@ def test_input_validation() -> None:
         measure.policy_digest({24: bytes(32)})
     with pytest.raises(HadronError, match="has 20 bytes"):
         measure.policy_digest(bytes(20), "sha256")
+
+
+def test_policy_ref_signs_the_digest_followed_by_the_reference_digest(keypair: tuple[bytes, bytes]) -> None:
+    """systemd-measure --policyref=initrd (ukify --sign-initrd-pcrs): the signature covers the PolicyPCR
+    digest followed by SHA-256("initrd"), the TPM2_PolicyAuthorize policyRef systemd 262's
+    systemd-tpm2-setup uses to initialize NvPCRs; the entry names the reference in "ref"."""
+    import hashlib
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    sections = {".linux": b"kernel", ".osrel": b"ID=hadron\n"}
+    plain = measure.sign_policy(sections, keypair[0], phases=measure.INITRD_PHASES)
+    ref = measure.sign_policy(sections, keypair[0], phases=measure.INITRD_PHASES, policy_ref="initrd")
+    (p,), (r,) = plain["sha256"], ref["sha256"]
+    assert list(r) == ["pcrs", "pkfp", "ref", "pol", "sig"] and r["ref"] == "initrd" and "ref" not in p
+    assert r["pol"] == p["pol"]  # the same PCR state, a different authorization
+    pub = measure.load_pcr_public_key(keypair[1])
+    signed = bytes.fromhex(r["pol"]) + hashlib.sha256(b"initrd").digest()
+    pub.verify(base64.b64decode(r["sig"]), signed, padding.PKCS1v15(), hashes.SHA256())
+    with pytest.raises(InvalidSignature):
+        pub.verify(base64.b64decode(r["sig"]), bytes.fromhex(r["pol"]), padding.PKCS1v15(), hashes.SHA256())
+    combined = measure.combine_signatures(plain, ref)
+    assert combined["sha256"] == [p, r]
+    assert measure.verify_policy_signature(combined, keypair[1]) == 2
+    # an entry whose reference was changed no longer verifies
+    forged = {"sha256": [{**r, "ref": "other"}]}
+    with pytest.raises(HadronError, match="does not verify"):
+        measure.verify_policy_signature(forged, keypair[1])

@@ -189,3 +189,23 @@ def test_garbage_bytes_never_crash(tmp_path_factory: pytest.TempPathFactory, blo
     p.write_bytes(blob)
     with pytest.raises(RecipeError):
         parse_recipe(p, expect_name="zlib")
+
+
+def test_bootstrap_runs_before_configure_in_the_writable_tree(tmp_path: Path) -> None:
+    from hadron.engine import buildsys
+
+    text = GOOD.replace('configure_args = ["--shared"]', 'in_tree = true\nbootstrap = "autoreconf -fi"\n'
+                        'configure_args = ["--shared"]')
+    r = parse_recipe(write(tmp_path, text), expect_name="zlib").recipe
+    names = [p.name for p in buildsys.phases(r)]
+    assert names[:2] == ["bootstrap", "configure"]
+    assert 'cd "$SRCDIR"\nautoreconf -fi' in buildsys.phases(r)[0].script
+    # a bootstrap changes the cache key's steps
+    plain = parse_recipe(write(tmp_path, GOOD.replace('configure_args', 'in_tree = true\nconfigure_args')),
+                         expect_name="zlib").recipe
+    assert buildsys.steps_digest(r) != buildsys.steps_digest(plain)
+
+
+def test_bootstrap_needs_a_writable_tree(tmp_path: Path) -> None:
+    p = problems(tmp_path, GOOD.replace('configure_args = ["--shared"]', 'bootstrap = "autoreconf -fi"'))
+    assert len(p) == 1 and "in_tree = true" in p[0]

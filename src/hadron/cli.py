@@ -344,7 +344,7 @@ def _report_boot(name: str, res: BootResult, extra: dict[str, Any], *, ok: bool,
         click.echo(json.dumps(info, indent=2))
     else:
         t = f"{res.seconds_to_check:.1f}s" if res.seconds_to_check else "never"
-        more = "".join(f" {k}={v}" for k, v in extra.items())
+        more = "".join(f" {k}={v}" for k, v in extra.items() if not isinstance(v, list | dict))
         click.echo(f"\nboot check: state={res.state} failed={res.failed or 'none'}; "
                    f"multi-user.target reached after {t} (QEMU start to report){more}", err=True)
         if analyze:
@@ -368,24 +368,30 @@ def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, t
 
 def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, check: bool, timeout: float,
                   append: str, as_json: bool) -> None:
-    from hadron.boot import qemu, secureboot, trusted
+    from hadron.boot import qemu, secureboot, trusted, unseal
 
     ks = secureboot.load_keys(_keys_dir(keys_dir))
     with ctx.layout.work_dir("trusted-boot") as work:
-        d = trusted.build_trusted_disk(built, ks, work / "disk.raw", check=check, cmdline_extra=append,
-                                       epoch=ctx.settings.source_date_epoch)
-        store = work / "OVMF_VARS.fd"
-        secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
         if not check:
+            trusted.build_trusted_disk(built, ks, work / "disk.raw", cmdline_extra=append,
+                                       epoch=ctx.settings.source_date_epoch)
+            store = work / "OVMF_VARS.fd"
+            secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
             sys.exit(qemu.interactive_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True))
-        res = qemu.boot_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True, timeout=timeout,
-                             echo=not as_json)
-    expected = trusted.expected_booted_pcr11(d.uki)
-    # The policy check: a PolicyPCR session in the booted state must be one the UKI's .pcrsig signed.
-    signed = res.pcr11 is not None and trusted.policy_covers(d.uki, res.pcr11, ks.pcr_public_key)
-    ok = res.ok and res.pcr11 == expected and signed
-    _report_boot(built.name, res, {"pcr11": res.pcr11, "pcr11_expected": expected, "pcr11_policy_signed": signed,
-                                   "disk_bytes": d.size, "uki_bytes": d.uki.size}, ok=ok, as_json=as_json)
+        tc = trusted.check_trusted_boot(built, ks, work, timeout=timeout, echo=not as_json, cmdline_extra=append,
+                                        epoch=ctx.settings.source_date_epoch)
+    m = tc.matrix
+    if not as_json:
+        for c in m.cases:
+            click.echo(f"unseal {c.name}: {c.result} (expected {c.expected}){'' if c.ok else '  <- WRONG'}"
+                       + (f": {c.detail}" if c.result != "unsealed" else ""))
+            if c.result == "refused" and (meaning := unseal.explain(c.detail)):
+                click.echo(f"  means: {meaning}")
+    _report_boot(built.name, tc.boot, {"pcr11": tc.boot.pcr11, "pcr11_expected": tc.pcr11_expected,
+                                       "pcr11_policy_signed": tc.pcr11_policy_signed, "disk_bytes": tc.disk.size,
+                                       "uki_bytes": tc.disk.uki.size, "unseal": [c.to_json() for c in m.cases],
+                                       "unseal_ok": m.ok, "unseal_boot_seconds": m.boots},
+                 ok=tc.ok, as_json=as_json)
 
 
 @main.command()

@@ -83,6 +83,11 @@ DEFAULT_PHASES: tuple[str, ...] = (
     "enter-initrd:leave-initrd:sysinit",
     "enter-initrd:leave-initrd:sysinit:ready",
 )
+# A policy only the initrd can satisfy (ukify --sign-initrd-pcrs): PCR 11 at enter-initrd, signed with
+# the policy reference "initrd". systemd 262's systemd-tpm2-setup needs it to initialize its NvPCRs
+# (TPM NV indexes it extends like PCRs) and refuses to without it.
+INITRD_PHASES: tuple[str, ...] = ("enter-initrd",)
+INITRD_POLICY_REF = "initrd"
 
 # TPM2 algorithm identifiers (TPM_ALG_ID) of the PCR banks systemd-measure supports.
 BANK_ALG_IDS: dict[str, int] = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
@@ -309,6 +314,12 @@ def public_key_fingerprint(public_key: rsa.RSAPublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def policy_ref_digest(policy_ref: str) -> bytes:
+    """The TPM2_PolicyAuthorize policyRef systemd uses for a policy reference string: its SHA-256, or
+    nothing for no reference."""
+    return hashlib.sha256(policy_ref.encode()).digest() if policy_ref else b""
+
+
 def sign_policy(
     sections: Mapping[str, bytes],
     private_key_pem: bytes | Path,
@@ -318,6 +329,7 @@ def sign_policy(
     *,
     known: Iterable[str] | None = None,
     signature_hash: Literal["sha256", "bank"] = "sha256",
+    policy_ref: str = "",
 ) -> dict[str, list[dict[str, Any]]]:
     """The .pcrsig JSON object (as ``systemd-measure sign`` prints it) for these sections.
 
@@ -325,7 +337,9 @@ def sign_policy(
     key raises HadronError (systemd-measure would sign with a fingerprint of the wrong key).
     ``signature_hash="bank"`` reproduces systemd 252, which signed each bank's policy digest with
     that bank's hash algorithm; current systemd signs with SHA-256 for every bank and verifies
-    that way, so the default is what a systemd 262 system unlocks with.
+    that way, so the default is what a systemd 262 system unlocks with. ``policy_ref`` (systemd-measure
+    ``--policyref=``) signs the policy digest followed by the reference's digest and names it in the
+    entry's ``ref``: only a TPM2_PolicyAuthorize with that reference accepts it.
     """
     private, public = load_pcr_keypair(private_key_pem, public_key_pem)
     fingerprint = public_key_fingerprint(public)
@@ -334,9 +348,11 @@ def sign_policy(
         entries: list[dict[str, Any]] = []
         for _path, value in values:
             pol = policy_digest({KERNEL_BOOT_PCR: value}, bank)
-            sig = private.sign(pol, padding.PKCS1v15(), _sig_hash(bank if signature_hash == "bank" else "sha256"))
+            sig = private.sign(pol + policy_ref_digest(policy_ref), padding.PKCS1v15(),
+                               _sig_hash(bank if signature_hash == "bank" else "sha256"))
             sig_b64 = base64.b64encode(sig).decode()
-            entries.append({"pcrs": [KERNEL_BOOT_PCR], "pkfp": fingerprint, "pol": pol.hex(), "sig": sig_b64})
+            ref = {"ref": policy_ref} if policy_ref else {}
+            entries.append({"pcrs": [KERNEL_BOOT_PCR], "pkfp": fingerprint, **ref, "pol": pol.hex(), "sig": sig_b64})
         out[bank] = entries
     return out
 
@@ -346,6 +362,16 @@ def _sig_hash(name: str) -> hashes.HashAlgorithm:
         "sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512(),
     }
     return algorithms[name]
+
+
+def combine_signatures(*objs: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """One .pcrsig object from several (as ukify combines its signing groups): each bank's entries
+    in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objs:
+        for bank, entries in obj.items():
+            out.setdefault(bank, []).extend(entries)
+    return out
 
 
 def to_json(obj: Mapping[str, Any]) -> bytes:
@@ -370,7 +396,7 @@ def verify_policy_signature(
         for i, entry in enumerate(entries):
             where = f".pcrsig {bank}[{i}]"
             try:
-                pol = bytes.fromhex(entry["pol"])
+                pol = bytes.fromhex(entry["pol"]) + policy_ref_digest(entry.get("ref", ""))
                 sig = base64.b64decode(entry["sig"], validate=True)
                 pkfp = entry["pkfp"]
             except (KeyError, TypeError, ValueError) as e:

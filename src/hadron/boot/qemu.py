@@ -38,7 +38,8 @@ Type=simple
 # units, `systemd-analyze time` where the system has it, PCR 11 where there is a TPM, and (when
 # /etc/hadron-check-breakdown exists) systemd-analyze critical-chain and blame, the CPU time
 # /proc/stat counts since boot (user nice system idle iowait irq softirq, in 1/100 s) and
-# the CPU time of each running service's cgroup.
+# the CPU time of each running service's cgroup. Last, a probe script the caller may add
+# (/etc/hadron-check.d/probe, e.g. the trusted path's unseal matrix) reports its lines as PROBE.
 # ($$ is a literal $ for the shell: systemd expands $NAME itself.)
 ExecStart=/bin/sh -c 'say() { while IFS= read -r line; do echo "<4>HADRON-$$1 $$line" > /dev/kmsg; done; }; \\
 state=$$(systemctl is-system-running --wait); echo "<4>HADRON-CHECK state=$$state" > /dev/kmsg; \\
@@ -52,12 +53,14 @@ for f in /sys/fs/cgroup/init.scope/cpu.stat /sys/fs/cgroup/system.slice/*/cpu.st
 echo "$$(head -n 1 $$f) $${f#/sys/fs/cgroup/}"; done | say CGROUP; fi; \\
 pcr=/sys/class/tpm/tpm0/pcr-sha256/11; \\
 if [ -r $$pcr ]; then echo "<4>HADRON-PCR11 $$(cat $$pcr)" > /dev/kmsg; fi; \\
+if [ -x /etc/hadron-check.d/probe ]; then /etc/hadron-check.d/probe 2>&1 | say PROBE; fi; \\
 echo "<4>HADRON-CHECK-END" > /dev/kmsg; systemctl poweroff --no-block'
 
 [Install]
 WantedBy=multi-user.target
 """
 BREAKDOWN_FLAG = "etc/hadron-check-breakdown"
+PROBE = "etc/hadron-check.d/probe"
 CHECK_NAME = "hadron-boot-check.service"
 
 OVMF_DIR = Path("/usr/share/OVMF")
@@ -91,11 +94,16 @@ class BootResult:
         return [m.rstrip() for m in re.findall(rf"HADRON-{tag} (.*)", self.console)]
 
 
-def add_check_unit(root: Path, *, breakdown: bool = False) -> None:
+def add_check_unit(root: Path, *, breakdown: bool = False, probe: str | None = None) -> None:
     """Install and enable the boot-check unit in a (copied) root file system tree; ``breakdown``
-    makes it also report systemd-analyze critical-chain and blame."""
+    makes it also report systemd-analyze critical-chain and blame; ``probe`` is a shell script it
+    runs last, whose output it reports as PROBE lines."""
     if breakdown:
         (root / BREAKDOWN_FLAG).write_text("")
+    if probe is not None:
+        (root / PROBE).parent.mkdir(parents=True, exist_ok=True)
+        (root / PROBE).write_text(probe)
+        (root / PROBE).chmod(0o755)
     unit_dir = root / "etc/systemd/system"
     (unit_dir / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
     (unit_dir / CHECK_NAME).write_text(CHECK_UNIT)
@@ -174,11 +182,13 @@ def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path |
     return argv
 
 
-def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """A TPM 2.0 emulator for one boot; returns the process and its control socket."""
+def start_swtpm(state: Path, sock: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """A TPM 2.0 emulator keeping its state in ``state`` (a later boot with the same directory has the
+    same TPM: its seeds, keys and NV indexes); returns the process and its control socket."""
     swtpm = runner.tool("swtpm")
     state.mkdir(parents=True, exist_ok=True)
-    sock = state / "swtpm.sock"
+    sock = sock or state / "swtpm.sock"
+    sock.unlink(missing_ok=True)
     proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}",
                              "--ctrl", f"type=unixio,path={sock}", "--flags", "startup-clear"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -193,15 +203,17 @@ def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], Path]:
 
 
 def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: bool = False,
-              timeout: float = 600, echo: bool = True, stop_on: tuple[bytes, ...] = ()) -> BootResult:
+              tpm_state: Path | None = None, timeout: float = 600, echo: bool = True,
+              stop_on: tuple[bytes, ...] = ()) -> BootResult:
     """Boot a whole disk image through firmware; see ``boot`` for the console protocol. The boot also
-    ends as soon as the console shows one of ``stop_on`` (e.g. a firmware's refusal)."""
+    ends as soon as the console shows one of ``stop_on`` (e.g. a firmware's refusal). With ``tpm``,
+    ``tpm_state`` keeps the TPM from one boot to the next (default: a new TPM for this boot)."""
     with tempfile.TemporaryDirectory(prefix="hadron-qemu-") as td:
         work = Path(td)
         swtpm: subprocess.Popen[bytes] | None = None
         sock = None
         if tpm:
-            swtpm, sock = start_swtpm(work / "tpm")
+            swtpm, sock = start_swtpm(tpm_state or work / "tpm", work / "swtpm.sock")
         try:
             argv = firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock)
             return run_console([*argv, "-serial", "stdio", "-monitor", "none", "-display", "none"],

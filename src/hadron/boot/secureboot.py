@@ -154,7 +154,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
 
 
-def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
+def private_pem(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -188,7 +188,7 @@ def generate_keys(
             subject = _subject(common_name_prefix, role)
             cert = _new_cert(key, subject, valid_days)
             subjects.append(f"  {role}: {subject.rfc4514_string()}")
-            _write(k.key, _private_pem(key), 0o600)
+            _write(k.key, private_pem(key), 0o600)
             _write(k.crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             _write(k.der, cert.public_bytes(serialization.Encoding.DER), 0o644)
             runner.run(["cert-to-efi-sig-list", "-g", str(owner), str(k.crt), str(k.esl)],
@@ -200,7 +200,7 @@ def generate_keys(
                         role, str(k.esl), str(k.auth)], what=f"sign-efi-sig-list for {role}")
             k.auth.chmod(0o644)
         pcr_key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-        _write(staging / PCR_PRIVATE_KEY, _private_pem(pcr_key), 0o600)
+        _write(staging / PCR_PRIVATE_KEY, private_pem(pcr_key), 0o600)
         _write(staging / PCR_PUBLIC_KEY, measure.public_key_pem(pcr_key.public_key()), 0o644)
         _write(staging / OWNER_GUID_FILE, f"{owner}\n".encode(), 0o644)
         readme = README_TEXT.format(subjects="\n".join(subjects), guid=owner, bits=KEY_BITS,

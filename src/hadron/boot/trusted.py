@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from hadron import runner
-from hadron.boot import disk, measure, qemu, secureboot, uki
+from hadron.boot import disk, measure, qemu, secureboot, uki, unseal
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage, find_kernel
 
@@ -61,18 +62,20 @@ def find_boot_files(img: BuiltImage) -> BootFiles:
     return BootFiles(kernel, release, files["stub"], files["systemd_boot"], files["os_release"])
 
 
-# The image has no TPM2 user space yet (systemd is built without tpm2-tss), so systemd-pcrphase does
-# not extend PCR 11 after the stub: the state a boot reaches is "" (no phase words). The policy is
-# signed for that state and for systemd's standard phase paths.
-SIGNED_PHASES = ("", *measure.DEFAULT_PHASES)
+# The policy is signed for systemd's standard phase paths: systemd-pcrphase extends PCR 11 with
+# enter-initrd, leave-initrd, sysinit and ready as the boot goes (a system without the TPM2 user space
+# would stay at the stub's value, which is not signed).
+SIGNED_PHASES = measure.DEFAULT_PHASES
+# The phase path a system that reached multi-user.target is in.
+BOOTED_PHASE = "enter-initrd:leave-initrd:sysinit:ready"
 
 
 def expected_booted_pcr11(info: uki.UkiInfo) -> str:
-    """PCR 11 (sha256, hex) a booted system should read: the stub's measurements, no phase words."""
+    """PCR 11 (sha256, hex) a booted system should read: the stub's measurements, then the phases."""
     for entry in info.pcr11["sha256"]:
-        if "phase" not in entry:
+        if entry.get("phase") == BOOTED_PHASE:
             return str(entry["hash"])
-    raise HadronError("the UKI's PCR 11 prediction has no entry for the no-phase state")
+    raise HadronError(f"the UKI's PCR 11 prediction has no entry for the phase path {BOOTED_PHASE}")
 
 
 # Left out of the initrd: the kernel itself and the boot loader binaries.
@@ -115,7 +118,7 @@ def policy_covers(info: uki.UkiInfo, pcr11_hex: str, pcr_public_key: Path) -> bo
         raise HadronError("the UKI has no .pcrsig")
     measure.verify_policy_signature(info.pcrsig, pcr_public_key)
     wanted = measure.policy_digest(bytes.fromhex(pcr11_hex)).hex()
-    return any(entry["pol"] == wanted for entry in info.pcrsig.get("sha256", []))
+    return any(entry["pol"] == wanted and not entry.get("ref") for entry in info.pcrsig.get("sha256", []))
 
 
 def root_partuuid(img: BuiltImage) -> str:
@@ -148,10 +151,12 @@ def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmd
 
 def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, check: bool = False,
                        cmdline_extra: str = "", pcr_phases: tuple[str, ...] | None = None,
-                       epoch: int = 0) -> TrustedDisk:
+                       epoch: int = 0, probe: str | None = None,
+                       extra_files: Mapping[str, bytes] | None = None) -> TrustedDisk:
     """GPT disk: an ESP with signed systemd-boot, loader.conf and the signed UKI; the root file system.
 
-    ``check`` adds the boot-check unit to the root file system (qemu.CHECK_UNIT)."""
+    ``check`` adds the boot-check unit to the root file system (qemu.CHECK_UNIT) with ``probe`` as
+    its probe script, and ``extra_files`` (path in the root → content) to the root."""
     bf = find_boot_files(img)
     version = str(img.record.get("version", "0"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +179,10 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
         if check:
             tree = work / "root"
             qemu.copy_tree(img.rootfs, tree)
-            qemu.add_check_unit(tree)
+            qemu.add_check_unit(tree, probe=probe)
+            for rel, data in (extra_files or {}).items():
+                (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tree / rel).write_bytes(data)
         rootimg = work / "root.img"
         root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=disk.stable_uuid(img.key, "root-fs"))
         if check:
@@ -185,3 +193,54 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
             disk.Partition(ROOT_NAME, disk.ROOT_X86_64_TYPE, puuid, root_mib, rootimg),
         ], disk_uuid=disk.stable_uuid(img.key, "disk"))
     return TrustedDisk(out, info, puuid, out.stat().st_size)
+
+
+@dataclass
+class TrustedCheck:
+    """A checked trusted boot: the first boot's result, what PCR 11 should be, whether the signed
+    policy covers what was read, and the unseal matrix."""
+    boot: qemu.BootResult
+    disk: TrustedDisk
+    pcr11_expected: str
+    pcr11_policy_signed: bool
+    matrix: unseal.Matrix
+
+    @property
+    def ok(self) -> bool:
+        return (self.boot.ok and self.boot.pcr11 == self.pcr11_expected and self.pcr11_policy_signed
+                and self.matrix.ok)
+
+
+def check_trusted_boot(img: BuiltImage, keys: secureboot.KeySet, work: Path, *, timeout: float,
+                       echo: bool, cmdline_extra: str = "", epoch: int = 0) -> TrustedCheck:
+    """Boot the trusted disk under Secure Boot with a TPM and run the unseal matrix (unseal module):
+    the first boot checks the system and PCR 11 and seals a secret; three more boots (a renewed
+    UKI, a UKI whose policy another key signed, no TPM) try to unseal it. One TPM state throughout."""
+    store = work / "OVMF_VARS.fd"
+    secureboot.enroll_ovmf_vars(keys, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
+    tpm_state = work / "tpm"
+    shutil.rmtree(tpm_state, ignore_errors=True)
+    disks: list[TrustedDisk] = []
+
+    def boot(probe: str, files: dict[str, bytes], ks: secureboot.KeySet, extra: str, tpm: bool) -> qemu.BootResult:
+        path = work / "disk.raw"
+        d = build_trusted_disk(img, ks, path, check=True, cmdline_extra=f"{cmdline_extra} {extra}".strip(),
+                               epoch=epoch, probe=probe, extra_files=files)
+        disks.append(d)
+        return qemu.boot_disk(path, "secure-boot", vars_file=store, tpm=tpm, tpm_state=tpm_state,
+                              timeout=timeout, echo=echo)
+
+    secret = unseal.new_secret()
+    first = boot(unseal.seal_probe(), {unseal.SECRET: secret.encode()}, keys, "", True)
+    main = disks[0]
+    expected = expected_booted_pcr11(main.uki)
+    signed = first.pcr11 is not None and policy_covers(main.uki, first.pcr11, keys.pcr_public_key)
+    try:
+        credential = unseal.sealed_credential(first)
+    except HadronError as e:
+        matrix = unseal.Matrix([unseal.parse_case(first, "signed-boot", secret)]
+                               + [unseal.Case(n, x, "missing", str(e)) for n, x in unseal.EXPECTED.items()
+                                  if n != "signed-boot"], {"signed": first.seconds_to_check or 0.0})
+    else:
+        matrix = unseal.later_boots(boot, keys, work, secret, credential, first)
+    return TrustedCheck(first, main, expected, signed, matrix)

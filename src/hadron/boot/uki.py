@@ -276,7 +276,8 @@ def build_uki(
 
     ``sbat`` holds extra SBAT entries (lines ``component,generation,vendor,package,version,url``;
     an ``sbat,…`` header line is allowed and dropped). With ``pcr_private_key`` the image gets a
-    ``.pcrsig`` for ``pcr_phases`` in ``pcr_banks``; ``.pcrpkey`` holds ``pcr_public_key`` (or the
+    ``.pcrsig`` for ``pcr_phases`` in ``pcr_banks``, plus the initrd-only policy (measure.INITRD_PHASES
+    under the reference "initrd", as ukify --sign-initrd-pcrs adds); ``.pcrpkey`` holds ``pcr_public_key`` (or the
     public half of the private key). Raises HadronError before writing anything when an input is
     missing or wrong.
     """
@@ -317,8 +318,11 @@ def build_uki(
     uki_contents = {n: d for n, d in image_sections.items() if n in measure.UKI_SECTIONS}
     pcrsig = None
     if pcr_private_key is not None:
-        pcrsig = measure.sign_policy(uki_contents, pcr_private_key, pcr_public_key, pcr_phases, pcr_banks,
-                                     known=st.known)
+        pcrsig = measure.combine_signatures(
+            measure.sign_policy(uki_contents, pcr_private_key, pcr_public_key, pcr_phases, pcr_banks,
+                                known=st.known),
+            measure.sign_policy(uki_contents, pcr_private_key, pcr_public_key, measure.INITRD_PHASES, pcr_banks,
+                                known=st.known, policy_ref=measure.INITRD_POLICY_REF))
         contents[".pcrsig"] = measure.to_json(pcrsig)
     pcr11 = measure.calculate(uki_contents, pcr_phases, pcr_banks, known=st.known)
     measured = tuple(n for n, _ in measure.measured_sections(uki_contents, st.known))

@@ -69,6 +69,8 @@ def phases(recipe: Recipe, *, check: bool = True) -> list[Phase]:
         out.append(Phase(name, pre + body.strip() + "\n", jobserver))
 
     if isinstance(b, AutotoolsBuild):
+        if b.bootstrap:
+            add("bootstrap", f'cd "$SRCDIR"\n{b.bootstrap}')
         add("configure", f'"$SRCDIR/configure" --prefix=/usr $HADRON_CONFIGURE_HOST {q(b.configure_args)}')
         add("build", f"make {q(b.make_args)}")
         add("install", f'make DESTDIR="$DESTDIR" {q(b.install_args)} {shlex.quote(b.install_target)}')

@@ -126,10 +126,21 @@ class _BuildBase(_Strict):
 
 class AutotoolsBuild(_BuildBase):
     system: Literal["autotools"]
+    bootstrap: str = Field(
+        default="",
+        description="shell run in the writable source tree before configure, for sources shipped "
+        "without a generated configure (for example `autoreconf -fi`); needs `in_tree = true`",
+    )
     configure_args: Args = Field(default_factory=list)
     make_args: Args = Field(default_factory=list)
     install_args: Args = Field(default_factory=list)
     install_target: str = "install"
+
+    @model_validator(mode="after")
+    def _bootstrap_in_tree(self) -> AutotoolsBuild:
+        if self.bootstrap and not self.in_tree:
+            raise ValueError("`bootstrap` rewrites the source tree: set `in_tree = true`")
+        return self
 
 
 class MesonBuild(_BuildBase):

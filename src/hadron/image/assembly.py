@@ -20,6 +20,7 @@ from typing import Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
 
 from hadron import BUILD_LOGIC_VERSION, __version__, runner
 from hadron.engine.cache import IMAGE_RECORD, Output
@@ -64,6 +65,8 @@ def copy_outputs(b: ImageBuild) -> None:
     replaces = b.image.spec.replaces
     b.rootfs.mkdir(parents=True)
     for name, out in b.outputs.items():
+        # Hard links within a package stay hard links (e2fsprogs' e2fsck and fsck.ext4 are one file).
+        linked: dict[tuple[int, int], Path] = {}
         for dirpath, dirnames, filenames in os.walk(out.runtime):
             base = Path(dirpath)
             rel_base = base.relative_to(out.runtime)
@@ -93,10 +96,15 @@ def copy_outputs(b: ImageBuild) -> None:
                             hint="a path may belong to one package only; drop it from one package's outputs, "
                             "or say in the image that one replaces the other (replaces = { pkg = [\"other\"] })",
                         )
-                if src.is_symlink():
+                st = src.lstat()
+                if stat.S_ISLNK(st.st_mode):
                     dst.symlink_to(os.readlink(src))
+                elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in linked:
+                    os.link(linked[(st.st_dev, st.st_ino)], dst)
                 else:
                     shutil.copy2(src, dst)
+                    if st.st_nlink > 1:
+                        linked[(st.st_dev, st.st_ino)] = dst
                 owner[rel] = name
 
 
@@ -135,10 +143,20 @@ def strip_binaries(b: ImageBuild) -> None:
     if not b.image.spec.strip:
         return
     files = []
+    # One name per file: strip writes a new file, so the other hard links are made again after it.
+    other_names: dict[Path, list[Path]] = {}
+    first_name: dict[tuple[int, int], Path] = {}
     for dirpath, _dirs, filenames in os.walk(b.rootfs):
-        for f in filenames:
+        for f in sorted(filenames):
             p = Path(dirpath) / f
             if not p.is_symlink() and p.suffix != ".ko" and _is_strippable_elf(p):
+                st = p.stat()
+                ident = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and ident in first_name:
+                    other_names[first_name[ident]].append(p)
+                    continue
+                first_name[ident] = p
+                other_names[p] = []
                 files.append(p)
     before = sum(p.stat().st_size for p in files)
     for i in range(0, len(files), 200):
@@ -151,6 +169,10 @@ def strip_binaries(b: ImageBuild) -> None:
         finally:
             for p in chunk:
                 p.chmod(stat.S_IMODE(modes[p]))
+    for p, others in other_names.items():
+        for o in others:
+            o.unlink()
+            os.link(p, o)
     after = sum(p.stat().st_size for p in files)
     b.note(f"stripped {len(files)} ELF files: {before / 1e6:.1f} MB → {after / 1e6:.1f} MB")
 
@@ -248,7 +270,7 @@ def configure_system(b: ImageBuild) -> None:
 
 # Part of every image key: bumped when the steps change what an image contains, so that images
 # are assembled again without rebuilding any package.
-ASSEMBLY_VERSION = "2"
+ASSEMBLY_VERSION = "3"
 
 UPDATED_STAMP = """\
 # The modification time of /usr for which /etc and /var were last updated (the format of
@@ -271,6 +293,68 @@ def mark_updated(b: ImageBuild) -> None:
         stamp.parent.mkdir(exist_ok=True)
         stamp.write_text(UPDATED_STAMP.format(nsec=usr.st_mtime_ns))
         os.utime(stamp, ns=(usr.st_mtime_ns, usr.st_mtime_ns))
+
+
+# The ELF note programs use to name the libraries they may dlopen() (the "ELF dlopen metadata"
+# format systemd and others follow): owner FDO, type 0x407c0c0a, a JSON array of
+# {feature, description, priority, soname: [alternatives]}.
+DLOPEN_NOTE = (".note.dlopen", "FDO", 0x407C0C0A)
+LIBRARY_DIRS = ("usr/lib", "usr/lib64", "lib", "lib64")
+
+
+def dlopen_metadata(path: Path) -> list[dict[str, Any]]:
+    """The dlopen metadata entries of one ELF file (none when it has no .note.dlopen)."""
+    section, owner, ntype = DLOPEN_NOTE
+    with path.open("rb") as f:
+        sec = ELFFile(f).get_section_by_name(section)
+        if not isinstance(sec, NoteSection):
+            return []
+        out: list[dict[str, Any]] = []
+        for note in sec.iter_notes():
+            kind: object = note["n_type"]  # an int for types pyelftools has no name for
+            if note["n_name"] != owner or kind != ntype:
+                continue
+            desc = note["n_desc"]
+            raw = desc if isinstance(desc, bytes) else str(desc).encode()
+            try:
+                out += json.loads(raw.rstrip(b"\0"))
+            except ValueError as e:
+                raise HadronError(f"{path}: {section} holds invalid JSON ({e})") from None
+        return out
+
+
+def check_dlopen(b: ImageBuild) -> None:
+    """Every library a program names in its dlopen metadata is in the image, or the image says why not
+    (``dlopen_absent``): a feature built in must not fail at run time for a missing library."""
+    absent_ok = b.image.spec.dlopen_absent
+    wanted: dict[str, set[str]] = {}  # "soname-a | soname-b" → files that name it
+    features = 0
+    for dirpath, _dirs, filenames in os.walk(b.rootfs):
+        for f in filenames:
+            p = Path(dirpath) / f
+            if p.is_symlink() or p.suffix == ".ko" or not _is_strippable_elf(p):
+                continue
+            for entry in dlopen_metadata(p):
+                features += 1
+                wanted.setdefault(" | ".join(entry.get("soname", [])), set()).add(f"/{p.relative_to(b.rootfs)} "
+                                                                 f"({entry.get('feature')}, {entry.get('priority')})")
+    missing = []
+    for alternatives, users in sorted(wanted.items()):
+        names = alternatives.split(" | ")
+        if any((b.rootfs / d / n).exists() for d in LIBRARY_DIRS for n in names):
+            continue
+        if any(n in absent_ok for n in names):
+            continue
+        missing.append(f"{alternatives}: named by {', '.join(sorted(users)[:3])}"
+                       + (f" and {len(users) - 3} more" if len(users) > 3 else ""))
+    if missing:
+        raise HadronError(
+            f"image {b.image.name}: libraries its programs may load (ELF dlopen metadata) are missing:\n  "
+            + "\n  ".join(missing),
+            hint="add the package that provides the library to the image or to the program's recipe's run "
+                 f"dependencies, or say why the image leaves it out in dlopen_absent ({b.image.path})")
+    b.note(f"dlopen metadata: {features} entries naming {len(wanted)} libraries, every one in the image"
+           + (f" or listed in dlopen_absent ({', '.join(sorted(absent_ok))})" if absent_ok else ""))
 
 
 def check_setuid(b: ImageBuild) -> None:
@@ -309,6 +393,7 @@ STEPS: list[Step] = [
     merge_usr,
     install_kernel,
     strip_binaries,
+    check_dlopen,
     install_files,
     write_os_release,
     write_component_manifest,
@@ -332,6 +417,16 @@ def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, ar
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def rootfs_bytes(root: Path) -> int:
+    """The bytes of the files in ``root``, each hard-linked file counted once."""
+    sizes: dict[tuple[int, int], int] = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            st = (Path(d) / f).lstat()
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
+
+
 def assemble(b: ImageBuild, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run every step in ``b.work`` and write the image record (image.json) there, last; returns it.
 
@@ -343,7 +438,7 @@ def assemble(b: ImageBuild, progress: Callable[[str], None]) -> dict[str, Any]:
         t0 = time.monotonic()
         step(b)
         timings[step.__name__] = round(time.monotonic() - t0, 3)
-    size = sum((Path(d) / f).lstat().st_size for d, _, fs in os.walk(b.rootfs) for f in fs)
+    size = rootfs_bytes(b.rootfs)
     record = {
         "image": b.image.name,
         "version": b.image.spec.version,

@@ -29,6 +29,9 @@ class ImageSpec(BaseModel):
     sysext_level: str = "1"
     os_release: dict[str, str] = Field(default_factory=dict)
     setuid_allowed: list[str] = Field(default_factory=list, description="paths allowed to be setuid/setgid")
+    dlopen_absent: dict[str, str] = Field(
+        default_factory=dict,
+        description="soname → why the image leaves out a library its programs name in .note.dlopen")
     cmd: list[str] = Field(default_factory=lambda: ["/bin/sh"])
     strip: bool = True
     extends: str | None = Field(default=None, description="image whose packages and files this one starts from")
@@ -102,6 +105,10 @@ def load_image(path: Path, known: Mapping[str, Path] | None = None, _chain: tupl
         merged.update(data)
         if isinstance(own_packages, list):
             merged["packages"] = [*parent.spec.packages, *(p for p in own_packages if p not in parent.spec.packages)]
+        own_replaces = data.get("replaces", {})
+        if isinstance(own_replaces, dict):
+            # The parent's replacements hold in the child too; the child adds its own.
+            merged["replaces"] = {**parent.spec.replaces, **own_replaces}
         data = merged
         files = (*parent.files, *files)
     try:
