@@ -209,3 +209,25 @@ def test_bootstrap_runs_before_configure_in_the_writable_tree(tmp_path: Path) ->
 def test_bootstrap_needs_a_writable_tree(tmp_path: Path) -> None:
     p = problems(tmp_path, GOOD.replace('configure_args = ["--shared"]', 'bootstrap = "autoreconf -fi"'))
     assert len(p) == 1 and "in_tree = true" in p[0]
+
+
+def test_a_folder_edited_after_planning_is_refused_not_built(tmp_path: Path) -> None:
+    """The build reads a snapshot of the recipe folder taken when it starts; a folder that no longer
+    matches the digest its cache key was computed from fails the build instead of being stored under
+    the old key (an edit to a kernel fragment during a long build did exactly that)."""
+    from types import SimpleNamespace
+
+    from hadron.engine.executor import LocalExecutor
+    from hadron.errors import HadronError
+
+    folder = tmp_path / "zlib"
+    folder.mkdir()
+    (folder / "recipe.toml").write_text(GOOD)
+    (folder / "extra.config").write_text("CONFIG_A=y\n")
+    loaded = parse_recipe(folder / "recipe.toml", expect_name="zlib")
+    req = SimpleNamespace(name="zlib", recipe=loaded)
+    snap = LocalExecutor._snapshot_folder(req, tmp_path / "snap1")  # type: ignore[arg-type]
+    assert (snap / "extra.config").read_text() == "CONFIG_A=y\n"
+    (folder / "extra.config").write_text("CONFIG_A=n\n")
+    with pytest.raises(HadronError, match="changed after the build was planned"):
+        LocalExecutor._snapshot_folder(req, tmp_path / "snap2")  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from hadron.engine import buildsys, faults, sandbox
 from hadron.engine.cache import Cache, Output, remove_tree, split_tree
 from hadron.engine.fetch import Fetched
 from hadron.engine.jobs import JobServer
-from hadron.engine.recipe import KbuildBuild, LoadedRecipe
+from hadron.engine.recipe import KbuildBuild, LoadedRecipe, digest_folder
 from hadron.engine.toolchain import Toolchain
 from hadron.errors import BuildError, HadronError
 
@@ -217,12 +217,14 @@ class LocalExecutor:
             sandbox.Mount(dirs["destdir"], "/destdir", writable=True),
             sandbox.Mount(dirs["sysroot"], "/sysroot"),
         ]
-        if req.recipe.folder is not None:
-            mounts.append(sandbox.Mount(req.recipe.folder, "/recipe"))
+        folder = self._snapshot_folder(req, tmp / "recipe") if req.recipe.folder is not None else None
+        if folder is not None:
+            mounts.append(sandbox.Mount(folder, "/recipe"))
         for phase in buildsys.phases(r, check=req.run_check):
             self._step(req, phase.name, phase.script, mounts, env, log, timings, jobserver=phase.uses_jobserver)
             if phase.name == "configure" and isinstance(r.build, KbuildBuild) and r.build.fragments:
-                self._check_kconfig(req, dirs["build"], log)
+                assert folder is not None
+                self._check_kconfig(req, folder, dirs["build"], log)
 
         faults.point("after-build")
         t0 = time.monotonic()
@@ -289,9 +291,21 @@ class LocalExecutor:
                 hint=f"see the log: {self.cache.log_path(req.name)}",
             )
 
-    def _check_kconfig(self, req: BuildRequest, build_dir: Path, log: BinaryIO) -> None:
+    @staticmethod
+    def _snapshot_folder(req: BuildRequest, dest: Path) -> Path:
+        """A copy of the recipe folder as the cache key saw it: the build reads the copy, so an edit made
+        while it runs cannot end up in an output stored under the key of the folder before the edit."""
         folder = req.recipe.folder
         assert folder is not None
+        shutil.copytree(folder, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        if digest_folder(dest, dest / req.recipe.path.name) != req.recipe.files_digest:
+            raise HadronError(
+                f"{req.name}: the recipe folder {folder} changed after the build was planned",
+                hint="run the build again: its key will be computed from the folder as it is now",
+            )
+        return dest
+
+    def _check_kconfig(self, req: BuildRequest, folder: Path, build_dir: Path, log: BinaryIO) -> None:
         b = req.recipe.recipe.build
         assert isinstance(b, KbuildBuild)
         config = (build_dir / "_b" / ".config").read_text()

@@ -321,7 +321,7 @@ def _problems(path: Path, err: ValidationError) -> list[str]:
     return lines
 
 
-def _digest_folder(folder: Path, recipe_file: Path) -> str:
+def digest_folder(folder: Path, recipe_file: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p == recipe_file or "__pycache__" in p.parts:
@@ -361,7 +361,7 @@ def parse_recipe(path: Path, expect_name: str | None = None) -> LoadedRecipe:
     if expect_name is not None and recipe.name != expect_name:
         raise RecipeError([f"{path}: name: {recipe.name!r} does not match the file name {expect_name!r}"])
     folder = path.parent if path.name == "recipe.toml" else None
-    files_digest = _digest_folder(folder, path) if folder else ""
+    files_digest = digest_folder(folder, path) if folder else ""
     return LoadedRecipe(recipe=recipe, path=path, folder=folder, files_digest=files_digest)
 
 
