@@ -301,21 +301,28 @@ def cache_gc(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
 @click.option("--grub", "grub_firmware", type=click.Choice(["bios", "uefi"]), default=None,
               help="Boot the GRUB disk (image disk --boot grub) with SeaBIOS (bios) or OVMF (uefi).")
+@click.option("--immutable", is_flag=True,
+              help="Boot the immutable disk (image disk --boot immutable) under Secure Boot with a TPM; --check "
+                   "boots it twice (read-only verity root, /var kept, boot counting) and checks that a UKI with "
+                   "another root hash and a root partition with one byte changed do not come up.")
 @_guard
 def boot(image: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
          as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool, check: bool,
-         timeout: float, append: str, trusted: bool, keys_dir: Path | None, grub_firmware: str | None) -> None:
+         timeout: float, append: str, trusted: bool, keys_dir: Path | None, grub_firmware: str | None,
+         immutable: bool) -> None:
     """Boot IMAGE (default: the default image) in QEMU with the serial console on this terminal. Every boot
     starts from the image: its disk is made in a work directory of its own and removed afterwards."""
     from hadron import service
     from hadron.boot import qemu
 
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
-    if trusted and grub_firmware:
-        raise HadronError("--trusted and --grub are two different disks", hint="give one of them")
-    if trusted or grub_firmware:
-        service.check_boot_path(ctx, image, "trusted" if trusted else "grub")
+    if sum((trusted, bool(grub_firmware), immutable)) > 1:
+        raise HadronError("--trusted, --grub and --immutable are different disks", hint="give one of them")
+    if trusted or grub_firmware or immutable:
+        service.check_boot_path(ctx, image, "trusted" if trusted else "immutable" if immutable else "grub")
     built = service.build_one_image(ctx, image, quiet=as_json)
+    if immutable:
+        _boot_immutable(ctx, built, keys_dir, check=check, timeout=timeout, append=append, as_json=as_json)
     if grub_firmware:
         _boot_grub(ctx, built, grub_firmware, check=check, timeout=timeout, append=append, as_json=as_json)
     if trusted:
@@ -394,6 +401,39 @@ def _boot_trusted(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, che
                  ok=tc.ok, as_json=as_json)
 
 
+def _boot_immutable(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, check: bool, timeout: float,
+                    append: str, as_json: bool) -> None:
+    from hadron.boot import immutable, qemu, secureboot
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    log = ctx.layout.log(f"{built.name}-immutable-disk")
+    with ctx.layout.work_dir("immutable-boot") as work:
+        if not check:
+            immutable.build_immutable_disk(built, ks, work / "disk.raw", log=log, cmdline_extra=append,
+                                           epoch=ctx.settings.source_date_epoch)
+            store = work / "OVMF_VARS.fd"
+            secureboot.enroll_ovmf_vars(ks, qemu.OVMF_DIR / "OVMF_VARS_4M.fd", store)
+            sys.exit(qemu.interactive_disk(work / "disk.raw", "secure-boot", vars_file=store, tpm=True))
+        ic = immutable.check_immutable_boot(built, ks, work, timeout=timeout, echo=not as_json, log=log,
+                                            cmdline_extra=append, epoch=ctx.settings.source_date_epoch)
+    if not as_json:
+        click.echo(f"ESP /EFI/Linux before the first boot: {' '.join(ic.esp_before)}; after it: "
+                   f"{' '.join(ic.esp_after)}")
+        for k in ("root", "write", "verity-root-hash", "var", "bless", "version"):
+            click.echo(f"first boot {k}: {ic.probe.get(k)}")
+        click.echo(f"second boot: /var has seen {ic.second_probe.get('var-boots')} boots")
+        for a in ic.attempts:
+            click.echo(f"{a.name}: {a.result} (expected {a.expected}){'' if a.ok else '  <- WRONG'}: {a.evidence}")
+        for p in ic.problems:
+            click.echo(f"PROBLEM: {p}")
+    _report_boot(built.name, ic.first, {"disk_bytes": ic.disk.size, "uki_bytes": ic.disk.uki.size,
+                                        "roothash": ic.disk.roothash, "layout": ic.disk.layout(),
+                                        "probe": ic.probe, "second_boot_probe": ic.second_probe,
+                                        "esp_before": ic.esp_before, "esp_after": ic.esp_after,
+                                        "attempts": [a.to_json() for a in ic.attempts], "problems": ic.problems},
+                 ok=ic.ok, as_json=as_json)
+
+
 @main.command()
 @click.argument("ref")
 @click.option("--image", "image", default=None, help="Image to push (default: the default image).")
@@ -466,16 +506,20 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
 @click.argument("name", required=False)
 @_common
 @_build_options
-@click.option("--boot", "boot_path", type=click.Choice(["grub", "trusted"]), default="trusted", show_default=True,
+@click.option("--boot", "boot_path", type=click.Choice(["grub", "trusted", "immutable"]), default="trusted",
+              show_default=True,
               help="grub: GRUB for BIOS and UEFI with a dracut initramfs; trusted: systemd-boot + signed UKI on "
-                   "the ESP, for Secure Boot.")
+                   "the ESP, for Secure Boot; immutable: trusted with a dm-verity erofs root in A/B slots, "
+                   "boot counting and /var made at first boot (partitions by the image's systemd-repart).")
+@click.option("--version", "version", default=None,
+              help="immutable: the version written into the disk (IMAGE_VERSION; default the image's).")
 @click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Where to write the raw disk image (default out/IMAGE-BOOT.raw).")
 @_guard
 def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
                as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool, boot_path: str,
-               keys_dir: Path | None, output: Path | None) -> None:
+               version: str | None, keys_dir: Path | None, output: Path | None) -> None:
     """Write a GPT disk image with the root file system (ext4): for grub, a BIOS boot partition, an ESP
     with GRUB and the root holding GRUB's modules, the kernel and a dracut initramfs; for trusted, an
     ESP with signed systemd-boot and the signed UKI."""
@@ -493,13 +537,145 @@ def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | Non
         click.echo(json.dumps(gdoc, indent=2) if as_json else
                    f"disk {out} ({g.size / 2**20:.0f} MiB; initramfs {g.initramfs_size / 2**20:.1f} MiB)")
         return
+    if version is not None and boot_path != "immutable":
+        raise HadronError("--version is for the immutable disk", hint="add --boot immutable")
     ks = secureboot.load_keys(_keys_dir(keys_dir))
     built = service.build_one_image(ctx, name, quiet=as_json)
     out = output or ctx.settings.project / "out" / f"{built.name}-{boot_path}.raw"
+    if boot_path == "immutable":
+        from hadron.boot import immutable
+
+        log = out.with_suffix(".log")
+        log.unlink(missing_ok=True)
+        m = immutable.build_immutable_disk(built, ks, out, log=log, version=version,
+                                           epoch=ctx.settings.source_date_epoch)
+        mdoc = {"disk": str(out), "bytes": m.size, "uki": m.uki_name, "uki_bytes": m.uki.size,
+                "version": m.version, "roothash": m.roothash, "cmdline": m.cmdline, "layout": m.layout(),
+                "log": str(log)}
+        if as_json:
+            click.echo(json.dumps(mdoc, indent=2))
+        else:
+            click.echo(f"disk {out} ({m.size / 2**20:.0f} MiB; UKI /{m.uki_name} {m.uki.size / 2**20:.1f} MiB; "
+                       f"root hash {m.roothash})")
+            for p in m.layout():
+                click.echo(f"  {p['partno']}: {p['type']:<16} {p['label']:<32} {int(str(p['bytes'])) / 2**20:8.2f} MiB")
+        return
     d = trusted.build_trusted_disk(built, ks, out, epoch=ctx.settings.source_date_epoch)
     doc = {"disk": str(out), "bytes": d.size, "uki_bytes": d.uki.size, "root_partuuid": d.root_partuuid}
     click.echo(json.dumps(doc, indent=2) if as_json else
                f"disk {out} ({d.size / 2**20:.0f} MiB; UKI {d.uki.size / 2**20:.1f} MiB)")
+
+
+@main.group()
+def sysext() -> None:
+    """System extension images for a base image: build, verify, and the VM matrix."""
+
+
+@sysext.command("build")
+@click.argument("name")
+@click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="A tree with usr/ and/or opt/ to carry (repeatable).")
+@click.option("--package", "packages", multiple=True, help="A package (recipe) whose files to carry (repeatable).")
+@click.option("--image", "image", default=None, help="The base image (default: the default image).")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write it (default out/NAME.raw).")
+@_common
+@_build_options
+@_guard
+def sysext_build(name: str, dirs: tuple[Path, ...], packages: tuple[str, ...], image: str | None,
+                 keys_dir: Path | None, output: Path | None, recipes: tuple[Path, ...], toolchain: str | None,
+                 cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool, keep_going: bool,
+                 no_check: bool) -> None:
+    """Make system extension NAME for the base image: erofs + dm-verity + the root hash signed with the
+    db key, extension-release.NAME matching the base (ID, SYSEXT_LEVEL, ARCHITECTURE), made by the base's
+    own systemd-repart."""
+    from hadron import service
+    from hadron.boot import secureboot
+    from hadron.lifecycle import sysext as sx
+
+    if not dirs and not packages:
+        raise HadronError("nothing to put in the extension", hint="give --dir DIR and/or --package NAME")
+    sx.check_name(name)
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    base = service.build_one_image(ctx, image, quiet=as_json)
+    sources = list(dirs)
+    if packages:
+        summary = service.build_packages(ctx, list(packages), quiet=as_json)
+        if not summary.ok:
+            raise HadronError("packages failed to build:\n" + service.failures(summary))
+        sources += [r.output.runtime for n, r in summary.results.items() if n in packages and r.output]
+    out = output or ctx.settings.project / "out" / f"{name}.raw"
+    log = ctx.layout.log(f"sysext-{name}")
+    s = sx.build_sysext(base, name, sources, out, log=log, key=ks.db.key, cert=ks.db.crt)
+    doc = {"file": str(out), "bytes": s.size, "roothash": s.roothash, "extension_release": s.release,
+           "base": base.name, "log": str(log)}
+    click.echo(json.dumps(doc, indent=2) if as_json else
+               f"extension {out} ({s.size / 2**20:.1f} MiB) for {base.name}: root hash {s.roothash}, "
+               + " ".join(f"{k}={v}" for k, v in s.release.items()))
+
+
+@sysext.command("verify")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--image", "image", default=None, help="The base image (default: the default image).")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Key directory whose db certificate the machines have enrolled (default $HADRON_KEYS or ./keys).")
+@_common
+@_build_options
+@_guard
+def sysext_verify(file: Path, image: str | None, keys_dir: Path | None, recipes: tuple[Path, ...],
+                  toolchain: str | None, cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool,
+                  keep_going: bool, no_check: bool) -> None:
+    """Say whether the base image would merge FILE, and why: the architecture, the signature (by the db
+    certificate or one in the base's verity.d), the hash tree, the extension-release file. Exit 1 if not."""
+    from hadron import service
+    from hadron.boot import secureboot
+    from hadron.lifecycle import sysext as sx
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    base = service.build_one_image(ctx, image, quiet=as_json)
+    v = sx.verify_sysext(file, base, sx.trusted_certificates(base, ks.db.crt), log=ctx.layout.log("sysext-verify"))
+    if as_json:
+        click.echo(json.dumps({**v.to_json(), "base": base.name}, indent=2))
+    else:
+        click.echo(f"{file}: {'accepted' if v.accepted else 'REFUSED'} by {base.name}"
+                   + "".join(f"\n  - {r}" for r in v.reasons))
+    sys.exit(0 if v.accepted else 1)
+
+
+@sysext.command("check")
+@click.option("--image", "image", default="core-immutable", show_default=True, help="The base image.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for the VM.")
+@_common
+@_build_options
+@_guard
+def sysext_check(image: str, keys_dir: Path | None, timeout: float, recipes: tuple[Path, ...],
+                 toolchain: str | None, cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool,
+                 keep_going: bool, no_check: bool) -> None:
+    """The extension matrix: one payload in eleven variants, judged by `sysext verify` and merged one by
+    one by systemd-sysext in a VM booted from the base's immutable disk under Secure Boot."""
+    from hadron import service
+    from hadron.boot import secureboot
+    from hadron.lifecycle import sysext_check
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    service.check_boot_path(ctx, image, "immutable")
+    base = service.build_one_image(ctx, image, quiet=as_json)
+    with ctx.layout.work_dir("sysext-check") as work:
+        m = sysext_check.check_sysext_matrix(base, ks, work, timeout=timeout, echo=not as_json,
+                                             log=ctx.layout.log(f"{base.name}-sysext-check"),
+                                             epoch=ctx.settings.source_date_epoch)
+    if not as_json:
+        for v in m.variants:
+            click.echo(f"{v.variant:<28} VM: {v.vm:<8} (expected {v.expected}); verify: "
+                       f"{'accepts' if v.host_accepts else 'refuses'}{'' if v.ok else '  <- WRONG'}"
+                       + (f"\n    {v.detail}" if v.detail else "")
+                       + "".join(f"\n    verify: {r}" for r in v.host_reasons[:1]))
+    _report_boot(base.name, m.boot, {"sysext": [v.to_json() for v in m.variants]}, ok=m.ok, as_json=as_json)
 
 
 @main.group()

@@ -41,12 +41,13 @@ def run(
     cwd: Path | None = None,
     stdout: IO[bytes] | None = None,
     timeout: float | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run host program ``argv[0]`` (a name from the host table) with the rest as arguments.
 
     Output is captured as text, unless ``stdout`` is a binary file to write it to. ``env`` is added
     to this process's environment. Raises HadronError when the program is missing, cannot be
-    started, times out or exits non-zero."""
+    started, times out or (unless ``check`` is false) exits non-zero."""
     args = [tool(str(argv[0])), *map(str, argv[1:])]
     label = what or str(argv[0])
     full_env = {**os.environ, **env} if env is not None else None
@@ -63,7 +64,7 @@ def run(
                           hint=f"command: {shlex.join(args)}") from None
     except OSError as e:
         raise HadronError(f"{label}: cannot run {args[0]}: {e.strerror}") from None
-    if res.returncode != 0:
+    if res.returncode != 0 and check:
         output = (res.stderr.strip() or res.stdout.strip())[-OUTPUT_TAIL:]
         raise HadronError(f"{label} failed (exit status {res.returncode}):\n{output}",
                           hint=f"command: {shlex.join(args)}")

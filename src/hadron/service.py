@@ -214,7 +214,7 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
     """stage → host program or file → (present, who needs it), for building ``images`` with ctx's
     toolchain profile, assembling them, and writing and booting their disks on every boot path they
     carry. Build steps look programs up on the sandbox's PATH, the other stages on this process's."""
-    from hadron.boot import grub, qemu, trusted
+    from hadron.boot import grub, immutable, qemu, trusted
     from hadron.image import assembly, oci
 
     stages: dict[str, dict[str, tuple[bool, list[str]]]] = {}
@@ -239,5 +239,6 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
         if spec.kernel:
             need("boot (direct kernel)", qemu.DIRECT_BOOT_NEEDS, name)
         for path in spec.boot:
-            need(f"boot path {path}", {"grub": grub.HOST_NEEDS, "trusted": trusted.HOST_NEEDS}[path], name)
+            need(f"boot path {path}", {"grub": grub.HOST_NEEDS, "trusted": trusted.HOST_NEEDS,
+                                          "immutable": immutable.HOST_NEEDS}[path], name)
     return stages

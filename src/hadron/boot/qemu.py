@@ -153,12 +153,19 @@ FIRMWARES = ("bios", "uefi", "secure-boot")
 
 
 def firmware_argv(disk: Path, firmware: str, workdir: Path, *, vars_file: Path | None = None,
-                  tpm_socket: Path | None = None, memory_mb: int = 1024) -> list[str]:
+                  tpm_socket: Path | None = None, memory_mb: int = 1024, extra_disks: tuple[Path, ...] = (),
+                  reboot: bool = False) -> list[str]:
     """QEMU arguments booting the whole ``disk`` through ``firmware`` (see FIRMWARES).
 
     ``secure-boot`` runs OVMF's Secure Boot build (SMM, secure flash) with ``vars_file`` as its
-    variable store, which must hold the enrolled keys (secureboot.enroll_ovmf_vars)."""
+    variable store, which must hold the enrolled keys (secureboot.enroll_ovmf_vars). ``extra_disks``
+    are attached read-only after the boot disk (vdb, …); with ``reboot`` a reboot restarts the
+    machine (firmware, boot loader) instead of ending the run."""
     argv = _machine_argv(disk, memory_mb)
+    if reboot:
+        argv.remove("-no-reboot")
+    for extra in extra_disks:
+        argv += ["-drive", f"file={extra},format=raw,if=virtio,readonly=on"]
     if firmware == "bios":
         argv[1:1] = ["-machine", "q35"]
     elif firmware in ("uefi", "secure-boot"):
@@ -204,10 +211,13 @@ def start_swtpm(state: Path, sock: Path | None = None) -> tuple[subprocess.Popen
 
 def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: bool = False,
               tpm_state: Path | None = None, timeout: float = 600, echo: bool = True,
-              stop_on: tuple[bytes, ...] = ()) -> BootResult:
+              stop_on: tuple[bytes, ...] = (), extra_disks: tuple[Path, ...] = (), reboot: bool = False,
+              keep_vars: bool = False) -> BootResult:
     """Boot a whole disk image through firmware; see ``boot`` for the console protocol. The boot also
     ends as soon as the console shows one of ``stop_on`` (e.g. a firmware's refusal). With ``tpm``,
-    ``tpm_state`` keeps the TPM from one boot to the next (default: a new TPM for this boot)."""
+    ``tpm_state`` keeps the TPM from one boot to the next (default: a new TPM for this boot); with
+    ``keep_vars`` the boot writes the firmware's variables back into ``vars_file`` (boot order,
+    systemd-boot's state), as one machine's flash would keep them. See firmware_argv for the rest."""
     with tempfile.TemporaryDirectory(prefix="hadron-qemu-") as td:
         work = Path(td)
         swtpm: subprocess.Popen[bytes] | None = None
@@ -215,9 +225,13 @@ def boot_disk(disk: Path, firmware: str, *, vars_file: Path | None = None, tpm: 
         if tpm:
             swtpm, sock = start_swtpm(tpm_state or work / "tpm", work / "swtpm.sock")
         try:
-            argv = firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock)
-            return run_console([*argv, "-serial", "stdio", "-monitor", "none", "-display", "none"],
-                               timeout=timeout, echo=echo, stop_on=stop_on)
+            argv = firmware_argv(disk, firmware, work, vars_file=vars_file, tpm_socket=sock,
+                                 extra_disks=extra_disks, reboot=reboot)
+            res = run_console([*argv, "-serial", "stdio", "-monitor", "none", "-display", "none"],
+                              timeout=timeout, echo=echo, stop_on=stop_on)
+            if keep_vars and vars_file is not None:
+                shutil.copyfile(work / "OVMF_VARS.fd", vars_file)
+            return res
         finally:
             if swtpm is not None and swtpm.poll() is None:
                 swtpm.kill()

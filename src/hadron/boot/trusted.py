@@ -78,21 +78,27 @@ def expected_booted_pcr11(info: uki.UkiInfo) -> str:
     raise HadronError(f"the UKI's PCR 11 prediction has no entry for the phase path {BOOTED_PHASE}")
 
 
-# Left out of the initrd: the kernel itself and the boot loader binaries.
-INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot")
+# Left out of the initrd: the kernel itself and the boot loader binaries; the host system's mounts
+# and partition definitions (in the initrd, /etc/fstab would be mounted there, and systemd-repart
+# would look for the root disk before the root is mounted).
+INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot", "etc/fstab", "usr/lib/repart.d")
 
 
-def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0) -> int:
+def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0, rootfs: Path | None = None) -> int:
     """A systemd initrd made from the image itself (the approach mkosi takes, not dracut's): the rootfs
     without /boot, plus /etc/initrd-release (which makes systemd run initrd.target, mount root= at
     /sysroot and switch root) and /init. newc cpio with uid/gid 0 and clamped mtimes, zstd-compressed.
-    Returns the size in bytes."""
+    Returns the size in bytes. ``rootfs`` is a tree made from the image to use instead of its rootfs."""
+    src = rootfs or img.rootfs
     with tempfile.TemporaryDirectory(prefix="hadron-initrd-", dir=out.parent) as td:
         tree = Path(td) / "root"
-        qemu.copy_tree(img.rootfs, tree)
+        qemu.copy_tree(src, tree)
         for rel in INITRD_EXCLUDE:
-            shutil.rmtree(tree / rel, ignore_errors=True)
-        osrel = (img.rootfs / OS_RELEASE).read_text()
+            if (tree / rel).is_dir() and not (tree / rel).is_symlink():
+                shutil.rmtree(tree / rel)
+            else:
+                (tree / rel).unlink(missing_ok=True)
+        osrel = (src / OS_RELEASE).read_text()
         (tree / "etc/initrd-release").write_text(osrel.rstrip("\n") + '\nVARIANT="initrd"\nVARIANT_ID=initrd\n')
         (tree / "init").symlink_to("usr/lib/systemd/systemd")
         names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
@@ -131,17 +137,22 @@ def kernel_cmdline(img: BuiltImage, extra: str = "") -> str:
 
 
 def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmdline_extra: str = "",
-                     pcr_phases: tuple[str, ...] | None = None, epoch: int = 0) -> uki.UkiInfo:
-    """The image's UKI with a signed PCR 11 policy, then signed with the db key for Secure Boot."""
+                     pcr_phases: tuple[str, ...] | None = None, epoch: int = 0, cmdline: str | None = None,
+                     rootfs: Path | None = None) -> uki.UkiInfo:
+    """The image's UKI with a signed PCR 11 policy, then signed with the db key for Secure Boot.
+    ``cmdline`` replaces the writable root's command line; ``rootfs`` (a tree made from the image)
+    gives the initrd and the os-release instead of the image's rootfs."""
     bf = find_boot_files(img)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hadron-uki-", dir=out.parent) as td:
         unsigned = Path(td) / "unsigned.efi"
         initrd = Path(td) / "initrd.cpio.zst"
-        build_initrd(img, initrd, epoch=epoch)
+        build_initrd(img, initrd, epoch=epoch, rootfs=rootfs)
+        osrel = (rootfs / OS_RELEASE).read_bytes() if rootfs else bf.os_release.read_bytes()
         info = uki.build_uki(
-            bf.stub, unsigned, linux=bf.kernel, osrel=bf.os_release.read_bytes(),
-            cmdline=kernel_cmdline(img, cmdline_extra), initrd=initrd, uname=bf.release,
+            bf.stub, unsigned, linux=bf.kernel, osrel=osrel,
+            cmdline=cmdline if cmdline is not None else kernel_cmdline(img, cmdline_extra), initrd=initrd,
+            uname=bf.release,
             sbat=None, pcr_private_key=keys.pcr_private_key, pcr_public_key=keys.pcr_public_key,
             pcr_phases=pcr_phases or SIGNED_PHASES,
         )

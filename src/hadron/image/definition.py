@@ -35,8 +35,9 @@ class ImageSpec(BaseModel):
     cmd: list[str] = Field(default_factory=lambda: ["/bin/sh"])
     strip: bool = True
     extends: str | None = Field(default=None, description="image whose packages and files this one starts from")
-    boot: list[Literal["grub", "trusted"]] = Field(
-        default_factory=list, description="boot paths the image carries: grub (GRUB + dracut), trusted (UKI)")
+    boot: list[Literal["grub", "trusted", "immutable"]] = Field(
+        default_factory=list, description="boot paths the image carries: grub (GRUB + dracut), trusted (UKI), "
+                                          "immutable (UKI + verity-protected erofs root in A/B slots)")
     replaces: dict[str, list[str]] = Field(
         default_factory=dict, description="package → packages whose files of the same path it replaces")
 

@@ -1,0 +1,1 @@
+"""What happens to a system after its first boot: system extensions and whole-image updates."""
