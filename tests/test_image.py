@@ -6,11 +6,8 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,35 +128,6 @@ def test_image_is_cached(mini: Project) -> None:
     first = build_image(mini, "mini")
     again = build_image(mini, "mini")
     assert again["cached"] is True and again["key"] == first["key"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
-    port = _free_port()
-    cfg = tmp_path / "registry.yml"
-    cfg.write_text(
-        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(tmp_path / "registry") + "\n"
-        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
-    )
-    proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait()
 
 
 def test_push_to_registry_and_read_back(mini: Project, registry: str) -> None:

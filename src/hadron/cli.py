@@ -679,6 +679,131 @@ def sysext_check(image: str, keys_dir: Path | None, timeout: float, recipes: tup
 
 
 @main.group()
+def update() -> None:
+    """Whole-image A/B updates: sets for systemd-sysupdate, through a directory or an OCI registry."""
+
+
+@update.command("publish")
+@click.argument("image")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--version", "version", required=True, help="The version to publish (IMAGE_VERSION).")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@_common
+@_build_options
+@_guard
+def update_publish(image: str, directory: Path, version: str, keys_dir: Path | None, recipes: tuple[Path, ...],
+                   toolchain: str | None, cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool,
+                   keep_going: bool, no_check: bool) -> None:
+    """Add version VERSION of IMAGE (an image with the immutable layout) to the update DIRECTORY: the
+    signed UKI, the root, verity and signature partitions as sysupdate's transfers name them, and a
+    signed SHA256SUMS."""
+    from hadron import service
+    from hadron.boot import secureboot
+    from hadron.lifecycle import update as up
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    service.check_boot_path(ctx, image, "immutable")
+    built = service.build_one_image(ctx, image, quiet=as_json)
+    p = up.publish(built, ks, version, directory, log=ctx.layout.log(f"{built.name}-update-{version}"),
+                   epoch=ctx.settings.source_date_epoch)
+    doc = {"directory": str(directory), "image_id": p.image_id, "version": p.version, "files": list(p.files),
+           "roothash": p.roothash}
+    click.echo(json.dumps(doc, indent=2) if as_json else
+               f"published {p.image_id} {p.version} in {directory}: " + " ".join(p.files))
+
+
+@update.command("verify")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--current", default=None, help="The running version: refuse a set that is not newer.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def update_verify(directory: Path, current: str | None, keys_dir: Path | None, as_json: bool) -> None:
+    """Check an update directory: SHA256SUMS signed with the db key, every file's checksum, complete
+    versions, newer than --current."""
+    from hadron.boot import secureboot
+    from hadron.lifecycle import update as up
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    versions = up.verify(directory, ks.db.crt, current=current)
+    click.echo(json.dumps({"ok": True, "versions": versions}, indent=2) if as_json else
+               f"{directory}: signed, checksums match; versions {', '.join(sorted(versions, key=up.version_key))}")
+
+
+@update.command("push")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("ref")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_guard
+def update_push(directory: Path, ref: str, keys_dir: Path | None, tls_verify: bool) -> None:
+    """Verify the update DIRECTORY and push it to REF as an OCI artifact."""
+    from hadron.boot import secureboot
+    from hadron.lifecycle import update as up
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    versions = up.push(directory, ks.db.crt, ref, tls_verify=tls_verify)
+    click.echo(f"pushed {directory} (versions {', '.join(sorted(versions))}) to {ref}")
+
+
+@update.command("pull")
+@click.argument("ref")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--current", default=None, help="The running version: refuse a set that is not newer.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_guard
+def update_pull(ref: str, directory: Path, current: str | None, keys_dir: Path | None, tls_verify: bool) -> None:
+    """Pull the update set REF into DIRECTORY (new), verified before anything is written there; the
+    directory is then a source for `systemd-sysupdate --transfer-source=`."""
+    from hadron.boot import secureboot
+    from hadron.lifecycle import update as up
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    versions = up.pull(ref, directory, ks.db.crt, current=current, tls_verify=tls_verify)
+    click.echo(f"pulled {ref} into {directory}: versions {', '.join(sorted(versions))}")
+
+
+@update.command("check")
+@click.option("--image", "image", default="core-immutable", show_default=True,
+              help="An image with the immutable layout.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for each VM run.")
+@_common
+@_build_options
+@_guard
+def update_check(image: str, keys_dir: Path | None, timeout: float, recipes: tuple[Path, ...], toolchain: str | None,
+                 cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool, keep_going: bool,
+                 no_check: bool) -> None:
+    """The A/B run in a VM: version 1 installs 2 from a second disk, 2 boots and is marked good and
+    installs 3, 3 fails its health check until its tries run out and the machine is back on 2."""
+    from hadron import service
+    from hadron.boot import secureboot
+    from hadron.lifecycle import update_check
+
+    ks = secureboot.load_keys(_keys_dir(keys_dir))
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    service.check_boot_path(ctx, image, "immutable")
+    built = service.build_one_image(ctx, image, quiet=as_json)
+    with ctx.layout.work_dir("update-check") as work:
+        uc = update_check.check_update_rollback(built, ks, work, timeout=timeout, echo=not as_json,
+                                                log=ctx.layout.log(f"{built.name}-update-check"),
+                                                epoch=ctx.settings.source_date_epoch)
+    runs = [r.to_json() for r in uc.runs]
+    doc = {"ok": uc.ok, "fell_back": uc.fell_back, "runs": runs, "problems": uc.problems}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for r in runs:
+            click.echo(" ".join(f"{k}={v}" for k, v in r.items()))
+        click.echo(f"fell back: {uc.fell_back}")
+        for p in uc.problems:
+            click.echo(f"PROBLEM: {p}")
+    sys.exit(0 if uc.ok else 1)
+
+
+@main.group()
 def host() -> None:
     """The build host: what Hadron needs installed on it."""
 

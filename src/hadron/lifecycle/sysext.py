@@ -290,25 +290,28 @@ def verify_sysext(path: Path, base: BuiltImage, certs: Sequence[Path], *, log: P
     return v
 
 
+def _in_image(base: BuiltImage, work: Path, argv: list[str], name: str) -> str | None:
+    """Output of one of the base's programs run on files in ``work`` (None if it failed)."""
+    log = work / f"{name}.log"
+    log.unlink(missing_ok=True)
+    try:
+        run_in_image(base.rootfs, argv, work, log, name)
+    except HadronError:
+        return None
+    return log.read_text(errors="replace").split("\n", 1)[1]  # after run_in_image's "==>" line
+
+
 def _check_release(v: Verdict, base: BuiltImage, work: Path, arch: str) -> None:
     """Read the extension-release file out of the erofs (the base's dump.erofs) and match it."""
-    log = work / "dump.log"
-    rel_path = f"/{RELEASE_DIR}/extension-release.{v.name}"
-    try:
-        run_in_image(base.rootfs, ["dump.erofs", "--cat", f"--path={rel_path}", "/tmp/out/data"], work, log,
-                     "dump.erofs")
-    except HadronError:
-        listing = work / "ls.log"
-        try:
-            run_in_image(base.rootfs, ["dump.erofs", "--ls", f"--path=/{RELEASE_DIR}", "/tmp/out/data"], work,
-                         listing, "dump.erofs")
-            found = re.findall(r"extension-release\.\S+", listing.read_text())
-        except HadronError:
-            found = []
-        v.refuse(f"no {rel_path} in the extension (the file name says the extension is {v.name!r})"
-                 + (f"; it carries {', '.join(sorted(set(found)))}" if found else ""))
+    listing = _in_image(base, work, ["dump.erofs", "--ls", f"--path=/{RELEASE_DIR}", "/tmp/out/data"], "ls")
+    found = sorted(set(re.findall(r"^\s*\d+\s+\d+\s+(extension-release\.\S+)\s*$", listing or "", re.M)))
+    want_file = f"extension-release.{v.name}"
+    if want_file not in found:
+        v.refuse(f"no /{RELEASE_DIR}/{want_file} in the extension (its file name says it is {v.name!r})"
+                 + (f"; it carries {', '.join(found)}" if found else ""))
         return
-    text = log.read_text().split("\n", 1)[1] if log.read_text().startswith("==>") else log.read_text()
+    text = _in_image(base, work, ["dump.erofs", "--cat", f"--path=/{RELEASE_DIR}/{want_file}", "/tmp/out/data"],
+                     "cat") or ""
     rel = {k: val.strip().strip('"') for k, _, val in (ln.partition("=") for ln in text.splitlines() if "=" in ln)}
     v.facts["extension_release"] = rel
     want = base_release(base)

@@ -13,7 +13,6 @@ ARCHITECTURE, or under another name than the file's.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ PROBE = rf"""#!/bin/sh
 mkdir -p /run/extensions
 for d in /{MATRIX_DIR}/*/; do
   v=$(basename "$d")
-  cp "$d{NAME}.raw" /run/extensions/{NAME}.raw
+  cp "${{d}}{NAME}.raw" /run/extensions/{NAME}.raw
   msg=$(systemd-sysext refresh 2>&1 | tr '\n' ' ' | cut -c1-300)
   merged=no; run=; read=
   if [ -e /usr/bin/{NAME} ]; then
@@ -144,7 +143,7 @@ def build_variants(base: BuiltImage, keys: secureboot.KeySet, work: Path, log: P
     make("wrong-level", release={**good, "SYSEXT_LEVEL": "99"})
     make("wrong-architecture", release={**good, "ARCHITECTURE": "arm64"})
     make("wrong-name", release_name="another-name")
-    shutil.copyfile(userspace_crt, work / "verity-d.crt")
+    assert userspace_crt == work / "verity-d.crt"
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +39,18 @@ BLOCK = 4096
 
 def version_key(v: str) -> list[tuple[int, int | str]]:
     """A sort key close to systemd's version comparison: runs of digits compare as numbers, other
-    runs as text, '~' sorts before anything."""
+    runs as text, '~' sorts before anything, even the end of the string."""
     out: list[tuple[int, int | str]] = []
     for run in re.findall(r"~|\d+|[A-Za-z]+|[^A-Za-z0-9~]+", v):
         if run == "~":
-            out.append((-1, 0))
+            out.append((-2, 0))
         elif run.isdigit():
             out.append((2, int(run)))
         elif run.isalpha():
             out.append((1, run))
         else:
             out.append((0, 0))
-    return out
+    return [*out, (-1, 0)]
 
 
 def newer(a: str, b: str) -> bool:
@@ -223,3 +224,95 @@ def verify(directory: Path, db_cert: Path, *, current: str | None = None) -> dic
     if not versions:
         raise HadronError(f"{directory} holds no update files")
     return versions
+
+
+# ------------------------------------------------------------------------------ through a registry
+# An update set travels as one OCI artifact: an empty config, one layer per file (its name in the
+# standard title annotation), artifactType naming what it is. skopeo carries it like any image.
+ARTIFACT_TYPE = "application/vnd.hadron.update.v1"
+FILE_MEDIA = "application/vnd.hadron.update.file.v1"
+EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
+TITLE = "org.opencontainers.image.title"
+HOST_TOOLS = ("openssl", "skopeo", "mkfs.ext4")
+
+
+def _blob(layout: Path, data: bytes | None = None, src: Path | None = None) -> dict[str, object]:
+    h = hashlib.sha256()
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    if src is not None:
+        digest = _sha256(src)
+        size = src.stat().st_size
+        if not (blobs / digest).exists():
+            shutil.copyfile(src, blobs / digest)
+    else:
+        assert data is not None
+        h.update(data)
+        digest, size = h.hexdigest(), len(data)
+        (blobs / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": size}
+
+
+def to_layout(directory: Path, layout: Path, tag: str) -> None:
+    """The update directory as an OCI image layout holding one artifact tagged ``tag``."""
+    import json
+
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    layers = [{"mediaType": FILE_MEDIA, **_blob(layout, src=directory / n), "annotations": {TITLE: n}}
+              for n in names]
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": ARTIFACT_TYPE, "config": {"mediaType": EMPTY_MEDIA, **_blob(layout, b"{}")},
+                "layers": layers}
+    m = _blob(layout, json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **m,
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+
+
+def push(directory: Path, db_cert: Path, ref: str, *, tls_verify: bool = True) -> dict[str, list[str]]:
+    """Verify the update directory, then push it to ``ref`` (registry/repository:tag)."""
+    versions = verify(directory, db_cert)
+    with tempfile.TemporaryDirectory(prefix="hadron-update-oci-") as td:
+        to_layout(directory, Path(td) / "layout", "update")
+        runner.run(["skopeo", "copy", "--quiet", f"--dest-tls-verify={'true' if tls_verify else 'false'}",
+                    f"oci:{Path(td) / 'layout'}:update", f"docker://{ref}"], what=f"pushing the update set to {ref}")
+    return versions
+
+
+def pull(ref: str, directory: Path, db_cert: Path, *, current: str | None = None,
+         tls_verify: bool = True) -> dict[str, list[str]]:
+    """Fetch the artifact at ``ref``, verify it (signature, checksums, versions) and only then
+    write it to ``directory``, which must not exist yet."""
+    import json
+
+    if directory.exists():
+        raise HadronError(f"{directory} already exists", hint="pull into a new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".hadron-pull-", dir=directory.parent) as td:
+        layout, staged = Path(td) / "layout", Path(td) / "set"
+        runner.run(["skopeo", "copy", "--quiet", f"--src-tls-verify={'true' if tls_verify else 'false'}",
+                    f"docker://{ref}", f"oci:{layout}:update"], what=f"pulling the update set {ref}")
+        index = json.loads((layout / "index.json").read_text())
+        mdesc = index["manifests"][0]
+        manifest = json.loads(_read_blob(layout, mdesc["digest"]))
+        if manifest.get("artifactType") != ARTIFACT_TYPE:
+            raise HadronError(f"{ref} is not a Hadron update set (artifactType {manifest.get('artifactType')!r})",
+                              hint="push one with `hadron update push`")
+        staged.mkdir()
+        for layer in manifest.get("layers", []):
+            name = str(layer.get("annotations", {}).get(TITLE, ""))
+            if layer.get("mediaType") != FILE_MEDIA or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+~^-]*$", name):
+                raise HadronError(f"{ref} has a layer that is not an update file: {layer.get('mediaType')} {name!r}")
+            (staged / name).write_bytes(_read_blob(layout, str(layer["digest"])))
+        versions = verify(staged, db_cert, current=current)
+        os.replace(staged, directory)
+    return versions
+
+
+def _read_blob(layout: Path, digest: str) -> bytes:
+    algo, _, hexd = digest.partition(":")
+    data = (layout / "blobs" / algo / hexd).read_bytes()
+    if algo != "sha256" or hashlib.sha256(data).hexdigest() != hexd:
+        raise HadronError(f"blob {digest} in the pulled layout does not match its digest")
+    return data
