@@ -65,7 +65,7 @@ def test_image_without_grub_and_dracut_is_refused_before_writing(tmp_path: Path)
 @pytest.mark.parametrize(("args", "message"), [
     (["image", "disk", "core", "--boot", "grub"], "image core does not carry the grub boot path"),
     (["boot", "core", "--grub", "bios"], "image core does not carry the grub boot path"),
-    (["boot", "core-grub", "--grub", "bios", "--trusted"], "--trusted and --grub are two different disks"),
+    (["boot", "core-grub", "--grub", "bios", "--trusted"], "--trusted, --grub and --immutable are different disks"),
 ])
 def test_cli_refuses_a_boot_path_before_building(args: list[str], message: str) -> None:
     res = subprocess.run([sys.executable, "-m", "hadron", *args], cwd=ROOT, capture_output=True, text=True,

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from hadron import host
-from hadron.boot import disk, grub, qemu, secureboot, trusted
+from hadron.boot import disk, grub, immutable, qemu, secureboot, trusted
 from hadron.engine import sandbox
 from hadron.engine.recipe import load_recipes
 from hadron.engine.scheduler import SYSTEM_TOOLS
 from hadron.engine.toolchain import load_toolchain
 from hadron.image import assembly, oci
+from hadron.lifecycle import sysext, sysext_check, update, update_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "hadron"
@@ -28,6 +29,11 @@ DECLARED = {
     "boot/secureboot.py": secureboot.HOST_TOOLS,
     "boot/trusted.py": trusted.HOST_TOOLS,
     "engine/sandbox.py": sandbox.HOST_TOOLS,
+    "boot/immutable.py": immutable.HOST_TOOLS,
+    "lifecycle/sysext.py": sysext.HOST_TOOLS,
+    "lifecycle/sysext_check.py": sysext_check.HOST_TOOLS,
+    "lifecycle/update.py": update.HOST_TOOLS,
+    "lifecycle/update_check.py": update_check.HOST_TOOLS,
 }
 
 
@@ -72,7 +78,7 @@ def test_every_program_the_code_runs_is_declared_and_has_a_row() -> None:
     for module, names in runs.items():
         assert names <= set(DECLARED[module]), f"{module} runs {names - set(DECLARED[module])} without declaring them"
     declared = {t for ts in DECLARED.values() for t in ts}
-    needs = set(grub.HOST_NEEDS) | set(trusted.HOST_NEEDS) | set(qemu.DIRECT_BOOT_NEEDS)
+    needs = set(grub.HOST_NEEDS) | set(trusted.HOST_NEEDS) | set(immutable.HOST_NEEDS) | set(qemu.DIRECT_BOOT_NEEDS)
     assert not (declared | needs) - set(host.table()), f"no row for {(declared | needs) - set(host.table())}"
 
 

@@ -42,11 +42,16 @@ def test_slots_a_and_b_have_the_same_fixed_sizes() -> None:
     # the ESP is filled from a FAT image at build time (CopyBlocks= cannot be combined with Format=)
     esp = by_type["esp"][0]
     assert "Format" not in esp and esp["SizeMinBytes"] == esp["SizeMaxBytes"]
-    # /var is the one partition the first boot adds, and /etc/fstab mounts it by that label
+    # /var is the one partition the first boot adds: LUKS2 bound to the signed PCR 11 policy only (no
+    # PCR values, which an update would change), opened by its label and mounted from /dev/mapper
     var = by_type["var"][0]
-    assert var["Format"] == "ext4" and "SizeMaxBytes" not in var
-    fstab = (DEFS.parents[2] / "etc/fstab").read_text()
-    assert f"PARTLABEL={var['Label']} /var ext4" in fstab and "x-systemd.requires=systemd-repart.service" in fstab
+    assert var["Format"] == "ext4" and var["Encrypt"] == "tpm2" and "SizeMaxBytes" not in var
+    assert "TPM2PCRs" not in var
+    etc = DEFS.parents[2] / "etc"
+    crypttab = [ln.split() for ln in (etc / "crypttab").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert crypttab == [["var", f"PARTLABEL={var['Label']}", "-",
+                         "tpm2-device=auto,headless=yes,x-systemd.requires=systemd-repart.service"]]
+    assert "/dev/mapper/var /var ext4" in (etc / "fstab").read_text()
 
 
 REPORT = [
@@ -112,13 +117,14 @@ def disk(roothash: str = "ab" * 32) -> immutable.ImmutableDisk:
 
 GOOD = {"root": "/dev/mapper/root erofs ro,relatime", "write": "touch: /usr/.hadron-write-test: Read-only file system",
         "verity-root-hash": "ab" * 32, "cmdline": f"roothash={'ab' * 32} console=ttyS0",
-        "var": "/dev/vda8 ext4 rw,relatime", "version": "1"}
+        "var": "/dev/mapper/var ext4 rw,relatime", "var-crypt": "LUKS2 1 tpm2 token(s)", "version": "1"}
 
 
 def test_judge_accepts_a_good_boot_and_names_each_fault() -> None:
     assert immutable.judge_first_boot(disk(), GOOD) == []
     faults = {"root": "/dev/vda2 ext4 rw", "write": "write allowed", "verity-root-hash": "cd" * 32,
-              "cmdline": "console=ttyS0", "var": "tmpfs tmpfs rw", "version": "0.1"}
+              "cmdline": "console=ttyS0", "var": "/dev/vda8 ext4 rw", "var-crypt": "  0 tpm2 token(s)",
+              "version": "0.1"}
     for key, value in faults.items():
         (problem,) = immutable.judge_first_boot(disk(), {**GOOD, key: value})
         assert problem

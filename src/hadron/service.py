@@ -216,6 +216,7 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
     carry. Build steps look programs up on the sandbox's PATH, the other stages on this process's."""
     from hadron.boot import grub, immutable, qemu, trusted
     from hadron.image import assembly, oci
+    from hadron.lifecycle import sysext, sysext_check, update, update_check
 
     stages: dict[str, dict[str, tuple[bool, list[str]]]] = {}
 
@@ -240,5 +241,7 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
             need("boot (direct kernel)", qemu.DIRECT_BOOT_NEEDS, name)
         for path in spec.boot:
             need(f"boot path {path}", {"grub": grub.HOST_NEEDS, "trusted": trusted.HOST_NEEDS,
-                                          "immutable": immutable.HOST_NEEDS}[path], name)
+                                          "immutable": (*immutable.HOST_NEEDS, *sysext.HOST_TOOLS,
+                                                        *sysext_check.HOST_TOOLS, *update.HOST_TOOLS,
+                                                        *update_check.HOST_TOOLS)}[path], name)
     return stages

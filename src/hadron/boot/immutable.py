@@ -35,7 +35,9 @@ MOUNT_POINTS = ("dev", "proc", "sys", "run", "tmp", "var", "efi", "boot", "root"
 # Space left after the partitions for the /var partition the first boot adds.
 VAR_ROOM_MIB = 512
 LOADER_CONF = "timeout 0\nconsole-mode keep\neditor no\n"  # no `default`: it would defeat boot counting
-HOST_NEEDS = (*trusted.HOST_NEEDS, "mdir")
+# Host programs this module runs (rows of hadron.host's table), and what the whole path needs.
+HOST_TOOLS = ("mdir",)
+HOST_NEEDS = (*trusted.HOST_NEEDS, *HOST_TOOLS)
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.~^-]*$")  # no '_' or '+': they delimit the UKI's name
 
 
@@ -97,19 +99,27 @@ def prepare_root(img: BuiltImage, tree: Path, *, version: str | None, check: boo
         (tree / rel).write_bytes(data)
 
 
-def make_slots(img: BuiltImage, keys: secureboot.KeySet, work: Path, raw: Path, *, log: Path) -> \
+def disk_seed(img: BuiltImage, version: str) -> str:
+    """repart's seed for the UUIDs it does not derive from the root hash: per image and version, so
+    that the signature partitions of two versions in the two slots never share a UUID."""
+    return disk.stable_uuid(img.key, f"disk:{version}")
+
+
+def make_slots(img: BuiltImage, keys: secureboot.KeySet, work: Path, raw: Path, *, log: Path, seed: str) -> \
         list[repart.RepartPartition]:
-    """First repart run: slot A filled from work/root, slot B empty, the ESP deferred, /var left out."""
+    """First repart run: slot A filled from work/root, slot B empty, the ESP deferred, /var left out.
+    repart runs from work/root itself, so that its specifiers (%M, %A: the partition labels) read
+    the version stamped there."""
     repart.check_image(img.rootfs, img.name)
     shutil.copyfile(keys.db.key, work / "db.key")
     (work / "db.key").chmod(0o600)
     shutil.copyfile(keys.db.crt, work / "db.crt")
     try:
-        return repart.run(img.rootfs, work, raw, log=log, what="systemd-repart (root slots)", args=[
+        return repart.run(work / "root", work, raw, log=log, what="systemd-repart (root slots)", args=[
             "--empty=create", "--size=auto", f"--definitions={repart.SANDBOX_OUT}/repart.d",
             f"--copy-source={repart.SANDBOX_OUT}/root", f"--private-key={repart.SANDBOX_OUT}/db.key",
             f"--certificate={repart.SANDBOX_OUT}/db.crt", "--defer-partitions=esp", "--exclude-partitions=var",
-            f"--seed={disk.stable_uuid(img.key, 'disk')}"])
+            f"--seed={seed}"])
     finally:
         (work / "db.key").unlink(missing_ok=True)
 
@@ -134,14 +144,15 @@ def make_esp(img: BuiltImage, keys: secureboot.KeySet, work: Path, efi: Path, uk
     return esp
 
 
-def add_esp(img: BuiltImage, work: Path, raw: Path, esp: Path, *, log: Path) -> list[repart.RepartPartition]:
+def add_esp(img: BuiltImage, work: Path, raw: Path, esp: Path, *, log: Path, seed: str) -> \
+        list[repart.RepartPartition]:
     """Second repart run: the deferred ESP, copied from ``esp``; the disk grown by room for /var."""
     size = raw.stat().st_size + VAR_ROOM_MIB * disk.MIB
     repart.stage_definitions(img.rootfs / repart.DEFINITIONS, work,
                              {_esp_definition(img): f"CopyBlocks={repart.SANDBOX_OUT}/{esp.name}\n"})
     return repart.run(img.rootfs, work, raw, log=log, what="systemd-repart (ESP)", args=[
         f"--size={size}", f"--definitions={repart.SANDBOX_OUT}/repart.d", "--exclude-partitions=var",
-        f"--seed={disk.stable_uuid(img.key, 'disk')}"])
+        f"--seed={seed}"])
 
 
 def _esp_definition(img: BuiltImage) -> str:
@@ -191,7 +202,8 @@ def build_immutable_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *,
         check_version(ver)
         repart.stage_definitions(img.rootfs / repart.DEFINITIONS, work)
         raw = work / "disk.raw"
-        parts = make_slots(img, keys, work, raw, log=log)
+        seed = disk_seed(img, ver)
+        parts = make_slots(img, keys, work, raw, log=log, seed=seed)
         roothash = roothash_of(parts, img.name)
         cmdline = cmdline_for(roothash_override or roothash, cmdline_extra)
         efi = work / "uki.efi"
@@ -201,7 +213,7 @@ def build_immutable_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *,
             shutil.copyfile(efi, keep_uki)
         name = uki_file_name(image_id, ver)
         esp = make_esp(img, keys, work, efi, name, _esp_size(img))
-        parts = [p for p in parts if p.role != "esp"] + [p for p in add_esp(img, work, raw, esp, log=log)
+        parts = [p for p in parts if p.role != "esp"] + [p for p in add_esp(img, work, raw, esp, log=log, seed=seed)
                                                         if p.role == "esp"]
         os.replace(raw, out)
     return ImmutableDisk(out, info, name, image_id, ver, roothash, cmdline, tuple(parts), out.stat().st_size)
@@ -219,6 +231,8 @@ veritysetup status root | awk -F': *' '/^ *(status|root hash|data device|hash de
   sub(/^ +/, "", $1); gsub(/ /, "-", $1); print "verity-" $1, $2 }'
 echo "cmdline $(cat /proc/cmdline)"
 echo "var $(mounted /var)"
+echo "var-crypt $(cryptsetup status var | awk '$1 == "type:" { print $2 }') $(cryptsetup luksDump \
+  /dev/disk/by-partlabel/hadron-var | awk '$2 == "systemd-tpm2" { n++ } END { print n + 0 }') tpm2 token(s)"
 f=/var/lib/hadron-check/boots
 mkdir -p /var/lib/hadron-check && cat /proc/sys/kernel/random/boot_id >> $f
 echo "var-boots $(wc -l < $f)"
@@ -301,8 +315,10 @@ def judge_first_boot(d: ImmutableDisk, p: dict[str, str]) -> list[str]:
         bad.append(f"veritysetup shows root hash {p.get('verity-root-hash')!r}, the UKI's command line {d.roothash}")
     if f"roothash={d.roothash}" not in p.get("cmdline", "").split():
         bad.append("the booted command line lacks the disk's roothash=")
-    if p.get("var", "").split()[1:2] != ["ext4"]:
-        bad.append(f"/var is not the ext4 partition made at first boot: {p.get('var')!r}")
+    if p.get("var", "").split()[:2] != ["/dev/mapper/var", "ext4"]:
+        bad.append(f"/var is not the ext4 volume made at first boot: {p.get('var')!r}")
+    if p.get("var-crypt") != "LUKS2 1 tpm2 token(s)":
+        bad.append(f"/var is not LUKS2 with one TPM2 token: {p.get('var-crypt')!r}")
     if p.get("version") != d.version:
         bad.append(f"booted version {p.get('version')!r}, the disk holds {d.version}")
     return bad

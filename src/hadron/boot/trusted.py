@@ -78,10 +78,10 @@ def expected_booted_pcr11(info: uki.UkiInfo) -> str:
     raise HadronError(f"the UKI's PCR 11 prediction has no entry for the phase path {BOOTED_PHASE}")
 
 
-# Left out of the initrd: the kernel itself and the boot loader binaries; the host system's mounts
-# and partition definitions (in the initrd, /etc/fstab would be mounted there, and systemd-repart
-# would look for the root disk before the root is mounted).
-INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot", "etc/fstab", "usr/lib/repart.d")
+# Left out of the initrd: the kernel itself and the boot loader binaries; the host system's mounts,
+# encrypted volumes and partition definitions (in the initrd, /etc/fstab and /etc/crypttab would be
+# set up there, and systemd-repart would look for the root disk before the root is mounted).
+INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot", "etc/fstab", "etc/crypttab", "usr/lib/repart.d")
 
 
 def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0, rootfs: Path | None = None) -> int:

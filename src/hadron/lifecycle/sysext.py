@@ -57,7 +57,8 @@ OTHER_ARCH_ROOTS = {
     "72EC70A6-CF74-40E6-BD49-4BDA08E8F224": "riscv64",
 }
 EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
-HOST_TOOLS = ("openssl", "sfdisk")
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("openssl", "sfdisk", "cp")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from hadron.errors import HadronError
 from hadron.image.build import BuiltImage
 from hadron.lifecycle import sysext
 
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("openssl", "sfdisk")
 NAME = "hadron-hello"
 MATRIX_DIR = "usr/share/hadron-sysext-matrix"
 USERSPACE_CERT = "usr/lib/verity.d/hadron-sysext-test.crt"

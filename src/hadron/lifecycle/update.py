@@ -27,6 +27,8 @@ from hadron.boot import immutable, repart, secureboot
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage
 
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("openssl", "skopeo")
 SUMS = "SHA256SUMS"
 SUMS_SIG = "SHA256SUMS.p7s"
 TRANSFERS = "usr/lib/sysupdate.d"
@@ -233,7 +235,6 @@ ARTIFACT_TYPE = "application/vnd.hadron.update.v1"
 FILE_MEDIA = "application/vnd.hadron.update.file.v1"
 EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
 TITLE = "org.opencontainers.image.title"
-HOST_TOOLS = ("openssl", "skopeo", "mkfs.ext4")
 
 
 def _blob(layout: Path, data: bytes | None = None, src: Path | None = None) -> dict[str, object]:

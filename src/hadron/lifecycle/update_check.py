@@ -24,6 +24,8 @@ from hadron.boot import immutable, qemu, secureboot
 from hadron.image.build import BuiltImage
 from hadron.lifecycle import update
 
+# Host programs this module runs (rows of hadron.host's table).
+HOST_TOOLS = ("mkfs.ext4",)
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 PROBE = rf"""#!/bin/sh
 . /usr/lib/os-release
@@ -37,7 +39,7 @@ mkdir -p /var/lib/hadron-check && cat /proc/sys/kernel/random/boot_id >> $f
 echo "var-boots $(wc -l < $f)"
 if [ -b /dev/vdb ]; then
   mkdir -p /run/hadron-update && mount -o ro /dev/vdb /run/hadron-update
-  systemd-sysupdate --transfer-source=/run/hadron-update update > /run/sysupdate.log 2>&1
+  /usr/lib/systemd/systemd-sysupdate --transfer-source=/run/hadron-update update > /run/sysupdate.log 2>&1
   echo "sysupdate-exit $?"
   tail -n 6 /run/sysupdate.log | sed 's/^/sysupdate /'
 fi
