@@ -129,11 +129,12 @@ def check_update_rollback(img: BuiltImage, keys: secureboot.KeySet, work: Path, 
         return r
 
     a = run("v1, installs v2", _medium(v2, work / "medium-v2.img"))
-    _expect(out, a, version="1", var_boots="1", sysupdate="0", esp=["core-immutable_1.efi", "core-immutable_2+3.efi"],
-            image_id=disk.image_id)
+    _expect(out, a, version="1", var_boots="1", sysupdate="0",
+            esp=["core-immutable_1.efi", "core-immutable_2+3-0.efi"], image_id=disk.image_id)
     b = run("v2, installs v3", _medium(v3, work / "medium-v3.img"))
-    _expect(out, b, version="2", var_boots="2", sysupdate="0", esp=["core-immutable_2.efi", "core-immutable_3+3.efi"],
-            image_id=disk.image_id, count_path="core-immutable_2+2-1.efi")
+    _expect(out, b, version="2", var_boots="2", sysupdate="0",
+            esp=["core-immutable_2.efi", "core-immutable_3+3-0.efi"], image_id=disk.image_id,
+            count_path="core-immutable_2+2-1.efi")
     shutil.rmtree(v2)
     shutil.rmtree(v3)
     c = run("v3 fails, back to v2", None, reboot=True)
