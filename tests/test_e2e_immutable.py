@@ -97,7 +97,9 @@ def test_immutable_boot_and_refusals(keys: Path) -> None:
     assert attempts["uki-roothash-digit-changed"]["result"] == "refused"
     assert attempts["root-partition-byte-flipped"]["result"] == "refused"
     assert "is corrupted" in attempts["root-partition-byte-flipped"]["evidence"]
-    print(f"\nimmutable boot: multi-user.target after {info['seconds_to_multi_user']:.1f}s")
+    assert probe["var"].startswith("/dev/mapper/var ") and probe["var-crypt"] == "LUKS2 1 tpm2 token(s)"
+    print(f"\nimmutable boot: multi-user.target after {info['seconds_to_multi_user']:.1f}s, second boot "
+          f"{info['second_boot_seconds']:.1f}s")
     for a in attempts.values():
         print(f"  {a['name']}: {a['result']} after {a['seconds']:.0f}s - {a['evidence'][:150]}")
 

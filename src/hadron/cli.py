@@ -429,6 +429,7 @@ def _boot_immutable(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, c
     _report_boot(built.name, ic.first, {"disk_bytes": ic.disk.size, "uki_bytes": ic.disk.uki.size,
                                         "roothash": ic.disk.roothash, "layout": ic.disk.layout(),
                                         "probe": ic.probe, "second_boot_probe": ic.second_probe,
+                                        "second_boot_seconds": ic.second_seconds,
                                         "esp_before": ic.esp_before, "esp_after": ic.esp_after,
                                         "attempts": [a.to_json() for a in ic.attempts], "problems": ic.problems},
                  ok=ic.ok, as_json=as_json)

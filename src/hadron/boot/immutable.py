@@ -297,6 +297,7 @@ class ImmutableCheck:
     esp_after: list[str]
     attempts: list[Attempt]
     problems: list[str]
+    second_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -366,7 +367,7 @@ def check_immutable_boot(img: BuiltImage, keys: secureboot.KeySet, work: Path, *
     root = next(p for p in d.partitions if p.role == "root" and p.roothash)
     flip_byte(path, root, 1024 + 8)  # in the erofs superblock, which the mount reads first
     attempts.append(_refusal("root-partition-byte-flipped", boot((b"is corrupted",)), "is corrupted"))
-    return ImmutableCheck(d, first, p1, p2, before, after, attempts, problems)
+    return ImmutableCheck(d, first, p1, p2, before, after, attempts, problems, second.seconds_to_check)
 
 
 def _refusal(name: str, res: qemu.BootResult, marker: str) -> Attempt:
