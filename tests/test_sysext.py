@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hadron.errors import HadronError
+from hadron.image.build import BuiltImage
 from hadron.lifecycle import sysext, sysext_check
 
 
@@ -122,3 +123,39 @@ def test_a_variant_is_right_only_when_vm_and_verify_agree() -> None:
     assert not sysext_check.VariantResult("signed-db-key", "merges", "merges", "", False, ["x"]).ok
     assert not sysext_check.VariantResult("bare-erofs", "refused", "merges", "", False, ["x"]).ok
     assert sysext_check.VariantResult("data-byte-flipped", "eio", "eio", "", False, ["corrupt"]).ok
+
+
+def _base(tmp_path: Path, files: dict[str, str]) -> BuiltImage:
+    for rel, text in files.items():
+        (tmp_path / "rootfs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "rootfs" / rel).write_text(text)
+    return BuiltImage("base", "k", tmp_path, {}, True)
+
+
+def test_the_base_image_policy_is_read_from_sysext_conf_and_its_drop_ins(tmp_path: Path) -> None:
+    assert sysext.image_policy(_base(tmp_path / "none", {})) is None
+    base = _base(tmp_path / "b", {
+        "usr/lib/systemd/sysext.conf": "[SysExt]\nImagePolicy=root=verity+signed:usr=verity+signed\n",
+        "usr/lib/systemd/sysext.conf.d/10-a.conf": "[SysExt]\nImagePolicy=root=signed+absent:usr=signed+absent\n",
+        "usr/lib/systemd/sysext.conf.d/20-b.conf": "[ConfExt]\nImagePolicy=root=unprotected\n",
+    })
+    assert sysext.image_policy(base) == "root=signed+absent:usr=signed+absent"
+    # a drop-in of the same name in /etc hides the vendor one
+    (tmp_path / "b/rootfs/etc/systemd/sysext.conf.d").mkdir(parents=True)
+    (tmp_path / "b/rootfs/etc/systemd/sysext.conf.d/10-a.conf").write_text("[SysExt]\nImagePolicy=root=verity\n")
+    assert sysext.image_policy(base) == "root=verity"
+    (tmp_path / "b/rootfs/etc/systemd/sysext.conf.d/10-a.conf").write_text("# nothing\n")
+    assert sysext.image_policy(base) == "root=verity+signed:usr=verity+signed"
+
+
+@pytest.mark.parametrize(("policy", "strict"), [
+    ("root=signed+absent:usr=signed+absent", True), ("root=signed:usr=signed", True),
+    ("root=verity+signed+absent:usr=signed+absent", False), ("root=signed+absent", False), (None, False)])
+def test_only_a_policy_without_unsigned_images_requires_signatures(policy: str | None, strict: bool) -> None:
+    assert sysext.requires_signature(policy) is strict
+
+
+def test_core_requires_signed_extensions(tmp_path: Path) -> None:
+    files = Path(__file__).resolve().parents[1] / "distro/images/core/files"
+    conf = {str(p.relative_to(files)): p.read_text() for p in (files / "usr/lib/systemd/sysext.conf.d").glob("*.conf")}
+    assert sysext.requires_signature(sysext.image_policy(_base(tmp_path, conf)))

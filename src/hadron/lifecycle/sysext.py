@@ -234,12 +234,58 @@ def signature_valid(roothash: str, signature: bytes, certs: Sequence[Path], work
     return None
 
 
+SYSEXT_CONF_DIRS = ("etc/systemd", "usr/local/lib/systemd", "usr/lib/systemd")  # first wins
+
+
+def image_policy(base: BuiltImage) -> str | None:
+    """The ImagePolicy= the base's systemd-sysext reads from sysext.conf and its drop-ins (a later
+    setting wins; a drop-in in an earlier directory hides one of the same name), or None."""
+    files: list[Path] = []
+    main = next((base.rootfs / d / "sysext.conf" for d in SYSEXT_CONF_DIRS
+                 if (base.rootfs / d / "sysext.conf").is_file()), None)
+    if main is not None:
+        files.append(main)
+    dropins: dict[str, Path] = {}
+    for d in reversed(SYSEXT_CONF_DIRS):
+        for f in (base.rootfs / d / "sysext.conf.d").glob("*.conf"):
+            dropins[f.name] = f
+    files += [dropins[n] for n in sorted(dropins)]
+    policy = None
+    for f in files:
+        section = ""
+        for line in f.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[SysExt]" and line.startswith("ImagePolicy="):
+                policy = line.split("=", 1)[1].strip() or None
+    return policy
+
+
+def requires_signature(policy: str | None) -> bool:
+    """Whether ``policy`` lets the root and usr designators be only signed or absent."""
+    if policy is None:
+        return False
+    rules = dict(r.split("=", 1) for r in policy.split(":") if "=" in r)
+    return all(d in rules and set(rules[d].split("+")) <= {"signed", "absent"} for d in ("root", "usr"))
+
+
 def verify_sysext(path: Path, base: BuiltImage, certs: Sequence[Path], *, log: Path, arch: str = "x86_64") -> Verdict:
-    """What systemd-sysext on ``base`` (with Hadron's policy, root=signed+absent) would do with ``path``."""
+    """What systemd-sysext on ``base`` (with the base's own image policy) would do with ``path``."""
     name = path.name.removesuffix(".raw")
     v = Verdict(path, name)
     if not path.is_file():
         raise HadronError(f"{path} does not exist")
+    policy = image_policy(base)
+    v.facts["image_policy"] = policy or "systemd's default (signed, verity-only and unprotected images)"
+    strict = requires_signature(policy)
+
+    def unsigned(reason: str) -> None:
+        if strict:
+            v.refuse(f"{reason}: the base's image policy ({policy}) accepts signed images only")
+        else:
+            v.facts["warning"] = (f"{reason}; the base's image policy ({v.facts['image_policy']}) lets it merge: "
+                                  "set ImagePolicy=root=signed+absent:usr=signed+absent in its sysext.conf")
     parts = _partitions(path)
     with tempfile.TemporaryDirectory(prefix="hadron-sysext-verify-") as td:
         work = Path(td)
@@ -249,12 +295,12 @@ def verify_sysext(path: Path, base: BuiltImage, certs: Sequence[Path], *, log: P
                 magic = f.read(4)
             if magic == EROFS_MAGIC:
                 v.facts["form"] = "bare erofs"
-                v.refuse("a bare erofs image has no dm-verity and no signature; the base's image policy "
-                         "(root=signed+absent) refuses unprotected images")
+                unsigned("a bare erofs image has no dm-verity and no signature")
                 shutil.copyfile(path, work / "data")
                 _check_release(v, base, work, arch)
             else:
                 v.refuse("neither a GPT disk image nor an erofs file system")
+            v.accepted = not v.reasons
             return v
         roles = {}
         for p in parts:
@@ -272,7 +318,8 @@ def verify_sysext(path: Path, base: BuiltImage, certs: Sequence[Path], *, log: P
         _check_release(v, base, work, arch)
         if f"{kind}-verity" not in roles:
             v.facts["form"] = "erofs in GPT, no verity"
-            v.refuse("no dm-verity hash partition: the base's image policy refuses unprotected images")
+            unsigned("no dm-verity hash partition")
+            v.accepted = not v.reasons
             return v
         data_uuid, hash_uuid = (str(roles[k]["uuid"]).replace("-", "").lower() for k in (kind, f"{kind}-verity"))
         roothash = data_uuid + hash_uuid
@@ -281,8 +328,8 @@ def verify_sysext(path: Path, base: BuiltImage, certs: Sequence[Path], *, log: P
         _check_verity(v, base, work, roothash, log)
         if f"{kind}-verity-sig" not in roles:
             v.facts["form"] = "verity, unsigned"
-            v.refuse("verity without a signature partition: the base's image policy (root=signed+absent) "
-                     "accepts signed images only")
+            unsigned("verity without a signature partition")
+            v.accepted = not v.reasons
             return v
         v.facts["form"] = "verity, signed"
         _extract(path, roles[f"{kind}-verity-sig"], work / "sig")
