@@ -100,7 +100,7 @@ class Blob:
     size: int
 
 
-def _put_blob(layout: Path, data: bytes) -> Blob:
+def put_blob(layout: Path, data: bytes) -> Blob:
     d = hashlib.sha256(data).hexdigest()
     p = layout / "blobs" / "sha256" / d
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def write_layout(
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": created, "created_by": "hadron image assembly"}],
     }
-    cfg = _put_blob(layout, _canonical(config))
+    cfg = put_blob(layout, _canonical(config))
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
@@ -152,7 +152,7 @@ def write_layout(
         "layers": [{"mediaType": MEDIA_LAYER, "digest": layer.digest, "size": layer.size}],
         "annotations": {"org.opencontainers.image.created": created, **(labels or {})},
     }
-    man = _put_blob(layout, _canonical(manifest))
+    man = put_blob(layout, _canonical(manifest))
     index = {
         "schemaVersion": 2,
         "mediaType": MEDIA_INDEX,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from hadron import runner
-from hadron.boot import repart
+from hadron.boot import immutable, repart
 from hadron.boot.grub import run_in_image
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage
@@ -72,12 +72,7 @@ class Sysext:
 
 
 def base_release(base: BuiltImage) -> dict[str, str]:
-    out = {}
-    for line in (base.rootfs / "usr/lib/os-release").read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            out[k] = v.strip().strip('"')
-    return out
+    return immutable.os_release(base.rootfs)
 
 
 def release_for(base: BuiltImage, arch: str = "x86_64") -> dict[str, str]:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from hadron import runner
 from hadron.boot import immutable, repart, secureboot
+from hadron.engine.fetch import file_sha256
 from hadron.errors import HadronError
+from hadron.image import oci
 from hadron.image.build import BuiltImage
 
 # Host programs this module runs (rows of hadron.host's table).
@@ -108,7 +110,7 @@ def sign_sums(keys: secureboot.KeySet, directory: Path) -> None:
     """Write SHA256SUMS for every file in ``directory`` and its detached PKCS#7 signature."""
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (SUMS, SUMS_SIG)
                    and not p.name.startswith("."))
-    lines = [f"{_sha256(directory / n)}  {n}\n" for n in names]
+    lines = [f"{file_sha256(directory / n)}  {n}\n" for n in names]
     tmp = directory / f".{SUMS}.tmp"
     tmp.write_text("".join(lines))
     sig = directory / f".{SUMS_SIG}.tmp"
@@ -116,14 +118,6 @@ def sign_sums(keys: secureboot.KeySet, directory: Path) -> None:
                 "-inkey", keys.db.key, "-outform", "DER", "-out", sig], what="signing SHA256SUMS")
     os.replace(tmp, directory / SUMS)
     os.replace(sig, directory / SUMS_SIG)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_image(img: BuiltImage) -> None:
@@ -209,7 +203,7 @@ def verify(directory: Path, db_cert: Path, *, current: str | None = None) -> dic
     for name, digest in sorted(listed.items()):
         if name not in present:
             raise HadronError(f"{directory / name} is listed in {sums} but missing")
-        if _sha256(directory / name) != digest:
+        if file_sha256(directory / name) != digest:
             raise HadronError(f"{directory / name} does not match its checksum in {sums}",
                               hint="the file was changed or damaged: do not install this set")
     versions: dict[str, list[str]] = {}
@@ -237,21 +231,18 @@ EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
 TITLE = "org.opencontainers.image.title"
 
 
-def _blob(layout: Path, data: bytes | None = None, src: Path | None = None) -> dict[str, object]:
-    h = hashlib.sha256()
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    if src is not None:
-        digest = _sha256(src)
-        size = src.stat().st_size
-        if not (blobs / digest).exists():
-            shutil.copyfile(src, blobs / digest)
-    else:
-        assert data is not None
-        h.update(data)
-        digest, size = h.hexdigest(), len(data)
-        (blobs / digest).write_bytes(data)
-    return {"digest": f"sha256:{digest}", "size": size}
+def _file_blob(layout: Path, src: Path) -> dict[str, object]:
+    digest = file_sha256(src)
+    dest = layout / "blobs" / "sha256" / digest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        shutil.copyfile(src, dest)
+    return {"digest": f"sha256:{digest}", "size": src.stat().st_size}
+
+
+def _data_blob(layout: Path, data: bytes) -> dict[str, object]:
+    b = oci.put_blob(layout, data)
+    return {"digest": b.digest, "size": b.size}
 
 
 def to_layout(directory: Path, layout: Path, tag: str) -> None:
@@ -259,12 +250,12 @@ def to_layout(directory: Path, layout: Path, tag: str) -> None:
     import json
 
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    layers = [{"mediaType": FILE_MEDIA, **_blob(layout, src=directory / n), "annotations": {TITLE: n}}
+    layers = [{"mediaType": FILE_MEDIA, **_file_blob(layout, directory / n), "annotations": {TITLE: n}}
               for n in names]
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "artifactType": ARTIFACT_TYPE, "config": {"mediaType": EMPTY_MEDIA, **_blob(layout, b"{}")},
+                "artifactType": ARTIFACT_TYPE, "config": {"mediaType": EMPTY_MEDIA, **_data_blob(layout, b"{}")},
                 "layers": layers}
-    m = _blob(layout, json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+    m = _data_blob(layout, json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
         {"mediaType": "application/vnd.oci.image.manifest.v1+json", **m,
