@@ -456,6 +456,99 @@ def push(ref: str, image: str | None, tls_verify: bool, recipes: tuple[Path, ...
                else f"pushed {built.name} to {ref} ({built.record['oci']['manifest']})")
 
 
+@main.group("buildenv")
+def buildenv_group() -> None:
+    """The hermetic build environment package builds run in (buildenv.lock)."""
+
+
+def _env_status(ctx: Context, env: Any, new: bool | None = None) -> dict[str, Any]:
+    from hadron.engine import buildenv
+
+    lock = buildenv.read_lock(ctx.settings.project)
+    return {"digest": env.digest, "path": str(env.path), "locked": lock.digest if lock else None,
+            "matches_lock": bool(lock and lock.digest == env.digest), **({"new": new} if new is not None else {}),
+            "differences": buildenv.differences(lock, env) if lock and lock.digest != env.digest else []}
+
+
+@buildenv_group.command("build")
+@click.option("--update-lock", is_flag=True, help="Write the new environment's digest, packages and wheels to "
+              "buildenv.lock (every cache key changes with it).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def buildenv_build(update_lock: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Make the build environment with mmdebstrap from the host table's build-environment packages and
+    the lock's wheels (newest ones with --update-lock), and compare it with buildenv.lock."""
+    from hadron.engine import buildenv
+
+    ctx = _ctx((), None, cache_dir)
+    lock = buildenv.read_lock(ctx.settings.project)
+    env, new = buildenv.make(ctx.layout, lock.epoch if lock and not update_lock else ctx.settings.source_date_epoch,
+                             pins=None if update_lock else lock, log=lambda m: click.echo(f"buildenv: {m}", err=True))
+    if update_lock:
+        buildenv.write_lock(ctx.settings.project, env)
+    doc = _env_status(ctx, env, new)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(f"build environment {env.digest} ({'new' if new else 'already in the cache'}): {env.path}")
+    if doc["matches_lock"]:
+        click.echo("it is the one buildenv.lock names" + (" (lock updated)" if update_lock else ""))
+    else:
+        click.echo(f"buildenv.lock names {doc['locked']}; differences: " + ("; ".join(doc["differences"]) or "none"))
+        sys.exit(1)
+
+
+@buildenv_group.command("push")
+@click.argument("remote")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_guard
+def buildenv_push(remote: str, cache_dir: Path | None, tls_verify: bool) -> None:
+    """Push the locked build environment to REMOTE (a registry repository, e.g. host:5000/hadron/buildenv)."""
+    from hadron.engine import buildenv
+
+    ctx = _ctx((), None, cache_dir)
+    env = ctx.build_env
+    if env is None:
+        raise HadronError("this project has no buildenv.lock", hint="run `hadron buildenv build --update-lock`")
+    click.echo(f"pushed {buildenv.push(env, remote, tls_verify=tls_verify)}")
+
+
+@buildenv_group.command("pull")
+@click.argument("remote")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_guard
+def buildenv_pull(remote: str, cache_dir: Path | None, tls_verify: bool) -> None:
+    """Pull the build environment buildenv.lock names from REMOTE, by digest."""
+    from hadron.engine import buildenv
+
+    ctx = _ctx((), None, cache_dir)
+    lock = buildenv.read_lock(ctx.settings.project)
+    if lock is None:
+        raise HadronError("this project has no buildenv.lock", hint="run `hadron buildenv build --update-lock`")
+    env = buildenv.pull(ctx.layout, remote, lock.digest, tls_verify=tls_verify)
+    click.echo(f"build environment {env.digest}: {env.path}")
+
+
+@buildenv_group.command("show")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@_guard
+def buildenv_show(cache_dir: Path | None) -> None:
+    """Print the locked environment's digest, whether it is in the cache, and its packages."""
+    from hadron.engine import buildenv
+
+    ctx = _ctx((), None, cache_dir)
+    lock = buildenv.read_lock(ctx.settings.project)
+    if lock is None:
+        raise HadronError("this project has no buildenv.lock", hint="run `hadron buildenv build --update-lock`")
+    env = buildenv.find(ctx.layout, lock.digest)
+    click.echo(f"digest: {lock.digest}\nin the cache: {env.path if env else 'no'}\nDebian {lock.suite}: "
+               f"{len(lock.installed)} packages installed, {len(lock.packages)} requested: {' '.join(lock.packages)}"
+               f"\nwheels: {' '.join(sorted(lock.wheels))}")
+
+
 @main.group()
 def keys() -> None:
     """Secure Boot and TPM policy signing keys."""

@@ -1,8 +1,8 @@
 """Settings (frozen): everything a run is configured with.
 
 Settings come from, in increasing precedence: built-in defaults, ``hadron.toml`` at the project
-root, ``$HADRON_CONFIG`` (a file), environment variables (``HADRON_CACHE``, ``HADRON_MIRRORS``) and
-command-line options.
+root, ``$HADRON_CONFIG`` (a file), environment variables (``HADRON_CACHE``, ``HADRON_MIRRORS``,
+``HADRON_BUILD_ENV``) and command-line options.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class Settings:
     source_date_epoch: int = 1735689600
     extra_path: tuple[str, ...] = field(default_factory=tuple)
     default_image: str | None = None
+    env_root: str = "lock"  # [build_env] root: "lock" or "host"
+    env_remote: str | None = None
+    env_tls_verify: bool = True
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -120,6 +123,10 @@ def load_settings(
     fc = read_file_config(proj)
     cache = cache_root(proj, cache_dir)
     mirrors = tuple(os.environ["HADRON_MIRRORS"].split()) if "HADRON_MIRRORS" in os.environ else tuple(fc.fetch.mirrors)
+    env_root = os.environ.get("HADRON_BUILD_ENV") or fc.build_env.root
+    if env_root not in ("lock", "host"):
+        raise HadronError(f"HADRON_BUILD_ENV: {env_root!r} is not a build environment root",
+                          hint='use "lock" (the environment buildenv.lock names) or "host" (this host\'s /usr)')
     dirs = (proj / "distro" / "packages", *(p.resolve() for p in (extra_recipes or [])))
     return Settings(
         project=proj,
@@ -136,4 +143,7 @@ def load_settings(
         source_date_epoch=fc.build.source_date_epoch,
         extra_path=tuple(fc.build_env.path),
         default_image=fc.build.default_image,
+        env_root=env_root,
+        env_remote=fc.build_env.remote,
+        env_tls_verify=fc.build_env.tls_verify,
     )

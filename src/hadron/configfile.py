@@ -3,6 +3,8 @@ settings for a no-op build does not load pydantic."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -18,7 +20,12 @@ class FileConfig(BaseModel):
 
     class BuildEnv(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        path: list[str] = Field(default_factory=list, description="host directories prepended to PATH")
+        path: list[str] = Field(default_factory=list, description="directories prepended to PATH")
+        # "lock": package builds run in the build environment buildenv.lock names (a project without
+        # the file uses the host's); "host": in the host's /usr, keys hashing the host's programs.
+        root: Literal["lock", "host"] = "lock"
+        remote: str | None = None  # registry repository the locked environment is pulled from by digest
+        tls_verify: bool = True
 
     class Build(BaseModel):
         model_config = ConfigDict(extra="forbid")

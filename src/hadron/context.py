@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from hadron.config import Settings
+from hadron.engine import buildenv
+from hadron.engine.buildenv import BuildEnv
 from hadron.engine.cache import Cache
 from hadron.engine.executor import LocalExecutor
 from hadron.engine.fetch import SourceStore
@@ -23,6 +27,8 @@ from hadron.layout import CacheLayout
 @dataclass
 class Context:
     settings: Settings
+    # Where notes for the user go (progress of long set-up steps, warnings); the CLI may replace it.
+    say: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
 
     @cached_property
     def recipes(self) -> dict[str, LoadedRecipe]:
@@ -55,8 +61,18 @@ class Context:
         return make_providers(list(self.settings.mirrors))
 
     @cached_property
+    def build_env(self) -> BuildEnv | None:
+        """The environment package builds run in: the one buildenv.lock names (fetched or built when
+        absent), or None for the host's /usr ([build_env] root = "host", or no lock)."""
+        s = self.settings
+        if s.env_root == "host":
+            return None
+        return buildenv.ensure(self.layout, s.project, remote=s.env_remote, tls_verify=s.env_tls_verify,
+                               warn=lambda m: self.say(f"warning: {m}"), log=lambda m: self.say(f"buildenv: {m}"))
+
+    @cached_property
     def planner(self) -> Planner:
-        return Planner(self.settings, self.graph, self.cache, self.store, self.toolchain)
+        return Planner(self.settings, self.graph, self.cache, self.store, self.toolchain, self.build_env)
 
     @cached_property
     def jobserver(self) -> JobServer:

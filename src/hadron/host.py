@@ -33,12 +33,17 @@ class Row:
     name: str  # a program name, or an absolute path for a file
     package: str
     needed_by: str
+    section: str = ""  # the heading of its "## " section, up to the colon
 
 
 @cache
 def table() -> dict[str, Row]:
     rows: dict[str, Row] = {}
+    section = ""
     for n, line in enumerate(TABLE.read_text().splitlines(), 1):
+        if line.startswith("## "):
+            section = line[3:].split(":")[0].strip()
+            continue
         if not line.strip() or line.startswith("#"):
             continue
         cols = line.split("\t")
@@ -46,8 +51,16 @@ def table() -> dict[str, Row]:
             raise HadronError(f"{TABLE}:{n}: expected three tab-separated columns: program, package, needed by")
         if cols[0] in rows:
             raise HadronError(f"{TABLE}:{n}: {cols[0]} has two rows")
-        rows[cols[0]] = Row(*cols)
+        rows[cols[0]] = Row(cols[0], cols[1], cols[2], section)
     return rows
+
+
+BUILD_ENV_SECTION = "build environment"
+
+
+def build_env_packages() -> list[str]:
+    """The Debian packages of the table's build-environment section: the hermetic environment's."""
+    return sorted({r.package for r in table().values() if r.section == BUILD_ENV_SECTION})
 
 
 def package_of(name: str) -> str | None:
@@ -74,11 +87,17 @@ def present(name: str, path: str | None = None) -> bool:
     return shutil.which(name, path=path) is not None
 
 
-def missing_tools_error(missing: dict[str, list[str]]) -> HadronError:
-    """``missing`` maps a program to who needs it."""
+def missing_tools_error(missing: dict[str, list[str]], env: str | None = None) -> HadronError:
+    """``missing`` maps a program to who needs it; ``env`` names the locked build environment."""
     lines = [f"  {tool}: needed by {', '.join(who)}" for tool, who in sorted(missing.items())]
-    return HadronError("the build environment lacks required program(s):\n" + "\n".join(lines),
-                       hint=install_hint(sorted(missing)))
+    if env is None:
+        return HadronError("the build environment lacks required program(s):\n" + "\n".join(lines),
+                           hint=install_hint(sorted(missing)))
+    pkgs = sorted({p for n in missing if (p := package_of(n))})
+    return HadronError(f"the build environment {env} lacks required program(s):\n" + "\n".join(lines),
+                       hint=f"add a row for each to the \"{BUILD_ENV_SECTION}\" section of {TABLE} "
+                       f"(Debian package(s): {', '.join(pkgs) or 'unknown'}), then run "
+                       "`hadron buildenv build --update-lock`")
 
 
 def sandbox_path(extra_path: tuple[str, ...]) -> str:

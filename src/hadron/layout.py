@@ -22,6 +22,9 @@ root itself, so what lives where, and which lock guards what, is decided here::
     │   │                              firmware variables), removed when the command ends
     │   └── <prefix>.<pid>.<n>.lock    its flock: taken before the directory exists, held while it runs
     ├── plans/<name>.json              no-op memo of one build request
+    ├── buildenv/<digest>/             a build environment, named by its OCI manifest digest (hex):
+    │                                  oci/ (the image), rootfs/ (its unpacked tree, the sandbox
+    │                                  root), env.json; renamed into place whole, never changed
     └── envid.json                     memo of host tool digests (by path, size, mtime and inode)
 
 Ownership is by flock, never by process id: a lock is free exactly when no live process holds it,
@@ -127,6 +130,14 @@ class CacheLayout:
     def log(self, name: str) -> Path:
         """The latest log of package ``name`` (or of another named step, e.g. ``<image>-grub-disk``)."""
         return self.logs / f"{_name(name)}.log"
+
+    @property
+    def buildenvs(self) -> Path:
+        return self.root / "buildenv"
+
+    def buildenv(self, digest_hex: str) -> Path:
+        """A build environment by the hex of its OCI manifest digest."""
+        return self.buildenvs / _key(digest_hex)
 
     @property
     def envid(self) -> Path:

@@ -153,6 +153,7 @@ def watch_inputs(s: Settings) -> noop.Watch:
         watch.tree(s.project / "distro" / sub)
     watch.code()
     watch.file(s.project / "hadron.toml")
+    watch.file(s.project / "buildenv.lock")
     if "HADRON_CONFIG" in os.environ:
         watch.file(os.environ["HADRON_CONFIG"])
     for p in host.OS_RELEASE:

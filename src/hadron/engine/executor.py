@@ -34,6 +34,7 @@ class BuildRequest:
     arch: str = "x86_64"
     extra_path: Sequence[str] = ()
     run_check: bool = True
+    env_root: Path | None = None  # the build environment's tree (None: the host's /usr)
     on_phase: Callable[[str], None] = field(default=lambda _p: None)
 
     @property
@@ -208,7 +209,8 @@ class LocalExecutor:
                     )
                 else:
                     cmds.append(f"cp '{target}' '{dest}/{s.name}'")
-            self._step(req, "unpack", "\n".join(cmds), mounts, env, log, timings, jobserver=False, cwd="/src")
+            self._step(req, "unpack", "\n".join(cmds), mounts, env, log, timings, jobserver=False, cwd="/src",
+                       tmpfs=("/sources",))
             faults.point("after-unpack")
 
         mounts = [
@@ -245,6 +247,7 @@ class LocalExecutor:
             "env_identity": req.env_identity,
             "toolchain": req.toolchain.name,
             "isolation": "bwrap: user, mount, pid, ipc, uts, cgroup and network namespaces; read-only root",
+            "build_env": "host /usr" if req.env_root is None else req.env_identity,
             "started": round(started, 3),
             "finished": round(time.time(), 3),
             "timings": timings,
@@ -263,6 +266,7 @@ class LocalExecutor:
         *,
         jobserver: bool,
         cwd: str = "/build",
+        tmpfs: tuple[str, ...] = (),
     ) -> None:
         req.on_phase(name)
         log.write(f"==> {name}\n".encode())
@@ -279,7 +283,8 @@ class LocalExecutor:
             step_env["JOBS"] = str(1 + len(extra))
         t0 = time.monotonic()
         try:
-            rc = sandbox.run(sandbox.Step(["/bin/sh", "-c", script], mounts, step_env, cwd=cwd, pass_fds=fds), log)
+            rc = sandbox.run(sandbox.Step(["/bin/sh", "-c", script], mounts, step_env, cwd=cwd, pass_fds=fds,
+                                          root=req.env_root, tmpfs=tmpfs), log)
         finally:
             self.jobserver.release(extra)
         timings[name] = round(time.monotonic() - t0, 3)

@@ -1,8 +1,9 @@
 """Sandbox: run one build step in fresh Linux namespaces, without any daemon.
 
 Each step runs under bubblewrap in new user, mount, pid, ipc, uts and cgroup namespaces and an
-empty network namespace (loopback only, down). The host's build environment (``/usr``, ``/etc``)
-and the dependencies' outputs are mounted read-only; only the build directory, DESTDIR and a
+empty network namespace (loopback only, down). The root is a tree mounted read-only: the build
+environment (:mod:`hadron.engine.buildenv`), an image's own tree, or else the host's ``/usr`` and
+``/etc``. The dependencies' outputs are mounted read-only; only the build directory, DESTDIR and a
 private ``/tmp`` are writable, and the root of the sandbox is re-mounted read-only.
 """
 
@@ -47,6 +48,8 @@ class Step:
     # A tree used as the sandbox's root (read-only) instead of the build environment: runs an
     # image's own programs, e.g. dracut and GRUB's tools when a disk is written.
     root: Path | None = None
+    # Directories that get an empty tmpfs (mount points for per-file mounts below them).
+    tmpfs: Sequence[str] = ()
 
 
 def base_env(source_date_epoch: int, home: str = "/build/.home") -> dict[str, str]:
@@ -119,6 +122,8 @@ def bwrap_argv(step: Step) -> list[str]:
     # A read-only image root may lack /var/tmp (systemd-tmpfiles makes it at boot): no mount point.
     if step.root is None or (step.root / "var/tmp").is_dir():
         args += ["--tmpfs", "/var/tmp"]
+    for d in step.tmpfs:
+        args += ["--tmpfs", d]
     for m in step.mounts:
         args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
     args += ["--remount-ro", "/", "--chdir", step.cwd, "--clearenv"]

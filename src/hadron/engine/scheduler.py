@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hadron.config import Settings
 from hadron.engine import buildsys
+from hadron.engine.buildenv import BuildEnv, LockedIdentity
 from hadron.engine.cache import Cache, Output, compute_key
 from hadron.engine.executor import BuildRequest, Executor
 from hadron.engine.fetch import SourceStore, fetch_recipe
@@ -23,7 +24,7 @@ from hadron.engine.mirrors import MirrorProvider
 from hadron.engine.progress import Reporter
 from hadron.engine.toolchain import Toolchain
 from hadron.errors import HadronError
-from hadron.host import EnvIdentity, missing_tools_error
+from hadron.host import EnvIdentity, missing_tools_error, sandbox_path
 
 
 @dataclass
@@ -69,13 +70,17 @@ class Planner:
     """Computes cache keys. A key needs the content digests of the package's inputs, so it is
     known once they are built (or found in the cache)."""
 
-    def __init__(self, settings: Settings, graph: Graph, cache: Cache, store: SourceStore, toolchain: Toolchain):
+    def __init__(self, settings: Settings, graph: Graph, cache: Cache, store: SourceStore, toolchain: Toolchain,
+                 env: BuildEnv | None = None):
         self.settings = settings
         self.graph = graph
         self.cache = cache
         self.store = store
         self.toolchain = toolchain
-        self.envid = EnvIdentity(settings.extra_path, cache.layout.envid)
+        self.env = env
+        self.envid: EnvIdentity | LockedIdentity = (
+            EnvIdentity(settings.extra_path, cache.layout.envid) if env is None
+            else LockedIdentity(env, sandbox_path(settings.extra_path)))
         self._inputs: dict[str, list[str]] = {}
 
     def inputs(self, name: str) -> list[str]:
@@ -96,7 +101,7 @@ class Planner:
             for t in self.envid.missing(self.host_tools(n)):
                 missing.setdefault(t, []).append(f"{n} ({self.graph.recipes[n].path})")
         if missing:
-            raise missing_tools_error(missing)
+            raise missing_tools_error(missing, self.env.digest if self.env is not None else None)
 
     def source_digests(self, name: str) -> list[str]:
         out = []
@@ -191,6 +196,7 @@ class Scheduler:
                     arch=self.settings.arch,
                     extra_path=self.settings.extra_path,
                     run_check=run_check,
+                    env_root=self.planner.env.root if self.planner.env is not None else None,
                     on_phase=lambda p: rep.phase(n, p),
                 )
                 out = self.executor.build(req)
