@@ -108,24 +108,60 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class Registry:
+    """A docker-registry on 127.0.0.1 with its storage under ``root``; stopped by its own pid."""
+
+    root: Path
+    port: int = field(default_factory=lambda: _free_port())
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("docker-registry")
+        if exe is None:
+            pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
+        cfg = self.root / "registry.yml"
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(self.root / "storage") + "\n"
+            f"http:\n  addr: {self.address}\nlog:\n  level: error\n"
+        )
+        self.proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"docker-registry did not listen on {self.address}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
-    port = _free_port()
-    cfg = tmp_path / "registry.yml"
-    cfg.write_text(
-        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(tmp_path / "registry") + "\n"
-        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
-    )
-    proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait()
+def registry_server(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(tmp_path / "registry")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def registry(registry_server: Registry) -> str:
+    return registry_server.address

@@ -11,7 +11,7 @@ import pytest
 
 from hadron import host
 from hadron.boot import disk, grub, immutable, qemu, secureboot, trusted
-from hadron.engine import sandbox
+from hadron.engine import buildenv, buildkit, remote, sandbox
 from hadron.engine.recipe import load_recipes
 from hadron.engine.scheduler import SYSTEM_TOOLS
 from hadron.engine.toolchain import load_toolchain
@@ -29,6 +29,9 @@ DECLARED = {
     "boot/secureboot.py": secureboot.HOST_TOOLS,
     "boot/trusted.py": trusted.HOST_TOOLS,
     "engine/sandbox.py": sandbox.HOST_TOOLS,
+    "engine/buildenv.py": buildenv.HOST_TOOLS,
+    "engine/remote.py": remote.HOST_TOOLS,
+    "engine/buildkit.py": buildkit.HOST_TOOLS,
     "boot/immutable.py": immutable.HOST_TOOLS,
     "lifecycle/sysext.py": sysext.HOST_TOOLS,
     "lifecycle/sysext_check.py": sysext_check.HOST_TOOLS,

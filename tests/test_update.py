@@ -13,6 +13,7 @@ import pytest
 
 from hadron.boot import secureboot
 from hadron.errors import HadronError
+from hadron.image import oci
 from hadron.lifecycle import sysext_check, update
 
 ID = "core-immutable"
@@ -111,7 +112,7 @@ def test_artifact_layout_names_every_file(tmp_path: Path, keys: secureboot.KeySe
     digest = index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads((tmp_path / "layout/blobs/sha256" / digest).read_text())
     assert manifest["artifactType"] == update.ARTIFACT_TYPE
-    titles = sorted(layer["annotations"][update.TITLE] for layer in manifest["layers"])
+    titles = sorted(layer["annotations"][oci.TITLE] for layer in manifest["layers"])
     assert titles == sorted(p.name for p in d.iterdir())
 
 

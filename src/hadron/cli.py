@@ -94,9 +94,13 @@ def main() -> None:
 @click.argument("targets", nargs=-1)
 @_common
 @_build_options
+@click.option("--executor", default="local", show_default=True, metavar="local|buildkit[=ADDR,…]",
+              help="Where package builds run: local bwrap sandboxes, or BuildKit builds on Docker daemons "
+                   "(ADDR: unix:///path/docker.sock or tcp://host:port; default the local daemon). Either gives "
+                   "the same keys and outputs; BuildKit needs the locked build environment.")
 @_guard
 def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
-          as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool) -> None:
+          as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool, executor: str) -> None:
     """Build TARGETS (packages or images) and what they need (default: the default image of hadron.toml,
     or every package if it names none)."""
     from hadron import noop
@@ -107,7 +111,7 @@ def build(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
         from hadron import service
 
         doc = service.build_request(req, jobs=jobs, offline=offline, keep_going=keep_going, check=not no_check,
-                                    quiet=as_json)
+                                    quiet=as_json, executor=executor)
     _print_build(doc, as_json)
     sys.exit(0 if doc["ok"] else 1)
 
@@ -117,7 +121,7 @@ def _print_build(doc: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(doc))
         return
     pk = doc["packages"]
-    counts = ", ".join(f"{n} {s}" for s in ("built", "cached", "failed", "skipped")
+    counts = ", ".join(f"{n} {s}" for s in ("built", "pulled", "cached", "failed", "skipped")
                        if (n := sum(1 for p in pk.values() if p["status"] == s)))
     click.echo(f"{len(pk)} packages: {counts} ({doc['seconds']:.1f}s)", err=True)
     for name, p in pk.items():
@@ -258,6 +262,40 @@ def cache_verify(recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Pa
             click.echo("hint: delete the named output or image directory (or source file); "
                        "the next build recreates it", err=True)
     sys.exit(1 if report["problems"] else 0)
+
+
+@cache.command("keygen")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("keys"),
+              show_default=True, help="Where NAME.secret and NAME.public are written.")
+@_guard
+def cache_keygen(name: str, directory: Path) -> None:
+    """Make a signing key for the remote cache: NAME.secret (this builder's; [cache] signing_key) and
+    NAME.public (the line consumers add to [cache] trusted_keys)."""
+    from hadron.engine import remote
+
+    secret, public = remote.generate_key(name, directory)
+    click.echo(f"secret key: {secret} (keep it on the builder)\npublic key: {public.read_text().strip()}")
+
+
+@cache.command("push")
+@click.argument("targets", nargs=-1)
+@_common
+@_guard
+def cache_push(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+               as_json: bool) -> None:
+    """Sign and push the cached outputs of TARGETS (default: the default image) and what they need to
+    the remote cache ([cache] remote)."""
+    from hadron import service
+
+    ctx = _ctx(recipes, toolchain, cache_dir)
+    pushed = service.push_outputs(ctx, list(targets))
+    if as_json:
+        click.echo(json.dumps(pushed))
+    else:
+        for name, digest in pushed.items():
+            click.echo(f"{name}: {digest}")
+        click.echo(f"pushed {len(pushed)} outputs to {ctx.settings.cache_remote}", err=True)
 
 
 @cache.command("gc")

@@ -2,7 +2,8 @@
 
 Settings come from, in increasing precedence: built-in defaults, ``hadron.toml`` at the project
 root, ``$HADRON_CONFIG`` (a file), environment variables (``HADRON_CACHE``, ``HADRON_MIRRORS``,
-``HADRON_BUILD_ENV``) and command-line options.
+``HADRON_BUILD_ENV``, ``HADRON_CACHE_REMOTE``, ``HADRON_CACHE_SIGNING_KEY``) and command-line
+options.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Settings:
     env_root: str = "lock"  # [build_env] root: "lock" or "host"
     env_remote: str | None = None
     env_tls_verify: bool = True
+    cache_remote: str | None = None  # [cache] remote: a registry repository of signed outputs
+    cache_trusted_keys: tuple[str, ...] = ()
+    cache_signing_key: Path | None = None
+    cache_push: bool = True
+    cache_tls_verify: bool = True
+    executor: str = "local"  # "local" or "buildkit[=ADDR,…]"
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -118,6 +125,7 @@ def load_settings(
     check: bool = True,
     toolchain: str | None = None,
     cache_dir: Path | None = None,
+    executor: str = "local",
 ) -> Settings:
     proj = project or find_project()
     fc = read_file_config(proj)
@@ -146,4 +154,18 @@ def load_settings(
         env_root=env_root,
         env_remote=fc.build_env.remote,
         env_tls_verify=fc.build_env.tls_verify,
+        cache_remote=os.environ.get("HADRON_CACHE_REMOTE") or fc.cache.remote,
+        cache_trusted_keys=tuple(fc.cache.trusted_keys),
+        cache_signing_key=_signing_key(proj, fc.cache.signing_key),
+        cache_push=fc.cache.push,
+        cache_tls_verify=fc.cache.tls_verify,
+        executor=executor,
     )
+
+
+def _signing_key(project: Path, configured: str | None) -> Path | None:
+    value = os.environ.get("HADRON_CACHE_SIGNING_KEY") or configured
+    if not value:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else project / p

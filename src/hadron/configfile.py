@@ -34,7 +34,16 @@ class FileConfig(BaseModel):
         default_image: str | None = None
         source_date_epoch: int = 1735689600  # 2025-01-01T00:00:00Z
 
+    class RemoteCache(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        remote: str | None = None  # registry repository, e.g. "registry.example:5000/hadron/cache"
+        trusted_keys: list[str] = Field(default_factory=list)  # "NAME:base64" public keys
+        signing_key: str | None = None  # this builder's secret key file ($HADRON_CACHE_SIGNING_KEY)
+        push: bool = True  # push what this machine builds (when a signing key is set)
+        tls_verify: bool = True
+
     cache_dir: str | None = None
+    cache: RemoteCache = Field(default_factory=RemoteCache)
     fetch: Fetch = Field(default_factory=Fetch)
     build_env: BuildEnv = Field(default_factory=BuildEnv)
     build: Build = Field(default_factory=Build)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,12 +12,13 @@ from hadron.config import Settings
 from hadron.engine import buildenv
 from hadron.engine.buildenv import BuildEnv
 from hadron.engine.cache import Cache
-from hadron.engine.executor import LocalExecutor
+from hadron.engine.executor import Executor, LocalExecutor
 from hadron.engine.fetch import SourceStore
 from hadron.engine.graph import Graph
 from hadron.engine.jobs import JobServer
 from hadron.engine.mirrors import MirrorProvider, make_providers
 from hadron.engine.recipe import LoadedRecipe, load_recipes
+from hadron.engine.remote import RemoteCache, load_signing_key, parse_trusted
 from hadron.engine.scheduler import Planner
 from hadron.engine.toolchain import Toolchain, load_toolchain
 from hadron.errors import HadronError
@@ -71,6 +73,19 @@ class Context:
                                warn=lambda m: self.say(f"warning: {m}"), log=lambda m: self.say(f"buildenv: {m}"))
 
     @cached_property
+    def remote(self) -> RemoteCache | None:
+        """The registry binary cache ([cache] remote in hadron.toml), or None."""
+        s = self.settings
+        if not s.cache_remote:
+            return None
+        key = load_signing_key(s.cache_signing_key) if s.cache_signing_key else None
+        trusted = parse_trusted(s.cache_trusted_keys)
+        if key is not None:  # a builder trusts what it signs itself
+            name, raw = key.name, base64.b64decode(key.public().partition(":")[2])
+            trusted.setdefault(name, raw)
+        return RemoteCache(self.cache, s.cache_remote, trusted=trusted, signing_key=key, tls_verify=s.cache_tls_verify)
+
+    @cached_property
     def planner(self) -> Planner:
         return Planner(self.settings, self.graph, self.cache, self.store, self.toolchain, self.build_env)
 
@@ -79,8 +94,18 @@ class Context:
         return JobServer(self.settings.jobs)
 
     @cached_property
-    def executor(self) -> LocalExecutor:
-        return LocalExecutor(self.cache, self.jobserver)
+    def executor(self) -> Executor:
+        spec = self.settings.executor
+        if spec == "local":
+            return LocalExecutor(self.cache, self.jobserver)
+        from hadron.engine.buildkit import BuildKitExecutor, parse_workers
+
+        workers = parse_workers(spec)
+        if self.build_env is None:
+            raise HadronError("the BuildKit executor runs builds in the locked build environment, and this "
+                              "project has none (or [build_env] root is \"host\")",
+                              hint="run `hadron buildenv build --update-lock`, or build with --executor local")
+        return BuildKitExecutor(self.cache, self.build_env, workers)
 
     @cached_property
     def images(self) -> dict[str, LoadedImage]:

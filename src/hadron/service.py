@@ -59,8 +59,23 @@ def build_packages(ctx: Context, packages: list[str], *, quiet: bool = False) ->
             summary.results[n] = Result(n, "cached", keys[n], outputs[n], log=str(outputs[n].log))
         return summary
     sandbox.check_isolation()
-    sched = Scheduler(ctx.planner, ctx.executor, ctx.store, ctx.mirrors, lambda total: Reporter(total, quiet=quiet))
+    sched = Scheduler(ctx.planner, ctx.executor, ctx.store, ctx.mirrors, lambda total: Reporter(total, quiet=quiet),
+                      remote=ctx.remote, push=ctx.settings.cache_push)
     return sched.run(packages, run_check=ctx.settings.check)
+
+
+def push_outputs(ctx: Context, targets: list[str]) -> dict[str, str]:
+    """Sign and push the cached outputs of TARGETS' packages; returns package -> manifest digest."""
+    if ctx.remote is None:
+        raise HadronError("no remote cache is configured", hint="set [cache] remote in hadron.toml "
+                          "(a registry repository) or $HADRON_CACHE_REMOTE")
+    packages, _images = expand_targets(ctx, targets or ctx.default_targets())
+    order = ctx.graph.closure(packages)
+    outputs, _keys = ctx.planner.resolve_cached(order)
+    missing = [n for n in order if n not in outputs]
+    if missing:
+        raise HadronError(f"not built yet: {', '.join(missing)}", hint="run `hadron build` first")
+    return {n: ctx.remote.push(outputs[n]) for n in order}
 
 
 def build(ctx: Context, targets: list[str], *, quiet: bool = False) -> Outcome:
@@ -114,7 +129,7 @@ def result_doc(outcome: Outcome, seconds: float) -> dict[str, Any]:
         "images": {i.name: {"path": str(i.path), "key": i.key, "cached": i.cached, "oci_layout": str(i.oci),
                             "docker_archive": str(i.docker_archive), **i.record} for i in outcome.images},
         "packages": {
-            n: {"status": r.status, "key": r.key, "log": r.log, "error": r.error,
+            n: {"status": r.status, "key": r.key, "log": r.log, "error": r.error, "remote": r.remote,
                 "output": str(r.output.path) if r.output else None}
             for n, r in s.results.items()
         },
@@ -122,7 +137,7 @@ def result_doc(outcome: Outcome, seconds: float) -> dict[str, Any]:
 
 
 def build_request(req: noop.Request, *, jobs: int | None = None, offline: bool = False, keep_going: bool = True,
-                  check: bool = True, quiet: bool = False) -> dict[str, Any]:
+                  check: bool = True, quiet: bool = False, executor: str = "local") -> dict[str, Any]:
     """`hadron build`: answered by the no-op memo when nothing changed, else built (and remembered)."""
     t0 = time.monotonic()
     doc = noop.answer(req)
@@ -131,11 +146,14 @@ def build_request(req: noop.Request, *, jobs: int | None = None, offline: bool =
         return doc
     settings = load_settings(project=req.project, extra_recipes=list(req.recipes), toolchain=req.toolchain,
                              cache_dir=req.cache_dir, jobs=jobs, offline=offline, keep_going=keep_going,
-                             check=check)
+                             check=check, executor=executor)
     watch = watch_inputs(settings)  # before anything is read: an edit during the build is a change
     ctx = Context(settings)
     outcome = build(ctx, list(req.targets), quiet=quiet)
     doc = result_doc(outcome, time.monotonic() - t0)
+    workers = getattr(ctx.executor, "used", None)
+    if workers is not None:
+        doc["workers"] = workers
     if outcome.ok:
         remember(ctx, req, watch, outcome, doc)
     else:

@@ -317,6 +317,22 @@ class Cache:
         faults.point("after-rename")
         return Output(key, final)
 
+    def adopt(self, key: str, staged: Path) -> Output:
+        """Rename a verified output made elsewhere (``staged/out`` with its own manifest and log)
+        into the cache whole; call with the key's tmp directory ``staged``."""
+        out = staged / "out"
+        manifest = json.loads((out / MANIFEST).read_text())
+        _write_synced(out / "digest", str(manifest["digest"]) + "\n")
+        _fsync_dir(out)
+        final = self.layout.output(key)
+        try:
+            os.rename(out, final)
+        except OSError:
+            if self.get(key) is None:
+                raise
+        _fsync_dir(self.layout.outputs)
+        return Output(key, final, reused=True)
+
     def all_outputs(self) -> list[Output]:
         return [out for key in self.layout.output_keys() if (out := self.get(key)) is not None]
 

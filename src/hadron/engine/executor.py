@@ -127,6 +127,111 @@ def _same(a: Path, b: Path) -> bool:
     return sa.st_size == sb.st_size and a.read_bytes() == b.read_bytes()
 
 
+def step_environment(req: BuildRequest) -> dict[str, str]:
+    """The environment every step of ``req`` runs with (both executors)."""
+    r = req.recipe.recipe
+    env = sandbox.base_env(req.source_date_epoch)
+    env["PATH"] = ":".join([*req.toolchain.path, *req.extra_path, env["PATH"]])
+    env.update(
+        DESTDIR="/destdir",
+        SYSROOT="/sysroot",
+        PKG_CONFIG_SYSROOT_DIR="/sysroot",
+        PKG_CONFIG_LIBDIR="/sysroot/usr/lib/pkgconfig:/sysroot/usr/share/pkgconfig",
+        KBUILD_BUILD_TIMESTAMP=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(req.source_date_epoch)),
+        KBUILD_BUILD_USER="hadron",
+        KBUILD_BUILD_HOST="hadron",
+        HADRON_PACKAGE=r.name,
+        HADRON_VERSION=r.version,
+        HADRON_ARCH=req.arch,
+    )
+    if r.depends.toolchain:
+        env.update(req.toolchain.step_env())
+    else:
+        env.update(Toolchain("none").step_env())
+    if isinstance(r.build, KbuildBuild):
+        # Kbuild's names for the target architecture and the compiler prefix (the profile's kernel
+        # one, not its user-space one); read by every make call of the recipe, install included.
+        env["ARCH"] = kernel_arch(req.arch)
+        env["CROSS_COMPILE"] = env.get("HADRON_KERNEL_CROSS_COMPILE", "")
+    env.update(r.build.env)
+    return env
+
+
+def source_target(index: int, name: str) -> str:
+    """Where source ``index`` is seen during the unpack step."""
+    return f"/sources/{index}-{name}"
+
+
+def unpack_script(req: BuildRequest) -> str:
+    """The unpack step: each source from :func:`source_target` into /src."""
+    cmds = ["set -eu"]
+    for i, s in enumerate(req.recipe.recipe.sources):
+        target = source_target(i, s.name)
+        dest = f"/src/{s.destination}".rstrip("/")
+        cmds.append(f"mkdir -p '{dest}'")
+        if s.extract:
+            cmds.append(
+                f"tar -xf '{target}' -C '{dest}' --strip-components={s.strip_components} "
+                "--no-same-owner --no-same-permissions --delay-directory-restore"
+            )
+        else:
+            cmds.append(f"cp '{target}' '{dest}/{s.name}'")
+    return "\n".join(cmds)
+
+
+def build_record(req: BuildRequest, *, started: float, timings: dict[str, float], log_path: Path,
+                 isolation: str, build_env: str) -> dict[str, Any]:
+    """What the manifest records about a build besides its files."""
+    r = req.recipe.recipe
+    return {
+        "name": r.name,
+        "version": r.version,
+        "license": r.license,
+        "build_logic": BUILD_LOGIC_VERSION,
+        "sources": [
+            {"name": s.name, "url": s.url, "sha256": f.digest, "fetched_from": f.origin}
+            for f, s in zip(req.sources, r.sources, strict=True)
+        ],
+        "inputs": {n: o.digest() for n, o in sorted(req.inputs.items())},
+        "env_identity": req.env_identity,
+        "toolchain": req.toolchain.name,
+        "isolation": isolation,
+        "build_env": build_env,
+        "started": round(started, 3),
+        "finished": round(time.time(), 3),
+        "timings": timings,
+        "log": str(log_path),
+    }
+
+
+def check_kconfig(req: BuildRequest, folder: Path, config: str, log: BinaryIO, log_path: Path) -> None:
+    """Fail when a kernel config fragment did not apply to ``config`` (the configured .config)."""
+    b = req.recipe.recipe.build
+    assert isinstance(b, KbuildBuild)
+    frags = {f: (folder / f).read_text() for f in b.fragments}
+    problems = buildsys.kbuild_fragment_problems(config, frags)
+    if problems:
+        log.write(("\n".join(problems) + "\n").encode())
+        raise HadronError(
+            f"{req.name}: kernel config fragments did not apply:\n  " + "\n  ".join(problems),
+            hint=f"a symbol's dependencies are unmet; add them to the fragment (see the log: {log_path})",
+        )
+
+
+def snapshot_folder(req: BuildRequest, dest: Path) -> Path:
+    """A copy of the recipe folder as the cache key saw it: the build reads the copy, so an edit made
+    while it runs cannot end up in an output stored under the key of the folder before the edit."""
+    folder = req.recipe.folder
+    assert folder is not None
+    shutil.copytree(folder, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if digest_folder(dest, dest / req.recipe.path.name) != req.recipe.files_digest:
+        raise HadronError(
+            f"{req.name}: the recipe folder {folder} changed after the build was planned",
+            hint="run the build again: its key will be computed from the folder as it is now",
+        )
+    return dest
+
+
 class LocalExecutor:
     def __init__(self, cache: Cache, jobserver: JobServer) -> None:
         self.cache = cache
@@ -166,50 +271,14 @@ class LocalExecutor:
         stage_sysroot(req.inputs, dirs["sysroot"])
         timings["stage"] = round(time.monotonic() - t0, 3)
 
-        env = sandbox.base_env(req.source_date_epoch)
-        env["PATH"] = ":".join([*req.toolchain.path, *req.extra_path, env["PATH"]])
-        env.update(
-            DESTDIR="/destdir",
-            SYSROOT="/sysroot",
-            PKG_CONFIG_SYSROOT_DIR="/sysroot",
-            PKG_CONFIG_LIBDIR="/sysroot/usr/lib/pkgconfig:/sysroot/usr/share/pkgconfig",
-            KBUILD_BUILD_TIMESTAMP=time.strftime(
-                "%Y-%m-%d %H:%M:%S UTC", time.gmtime(req.source_date_epoch)
-            ),
-            KBUILD_BUILD_USER="hadron",
-            KBUILD_BUILD_HOST="hadron",
-            HADRON_PACKAGE=r.name,
-            HADRON_VERSION=r.version,
-            HADRON_ARCH=req.arch,
-        )
-        if r.depends.toolchain:
-            env.update(req.toolchain.step_env())
-        else:
-            env.update(Toolchain("none").step_env())
-        if isinstance(r.build, KbuildBuild):
-            # Kbuild's names for the target architecture and the compiler prefix (the profile's kernel
-            # one, not its user-space one); read by every make call of the recipe, install included.
-            env["ARCH"] = kernel_arch(req.arch)
-            env["CROSS_COMPILE"] = env.get("HADRON_KERNEL_CROSS_COMPILE", "")
-        env.update(r.build.env)
+        env = step_environment(req)
 
         # Unpack: sources read-only at /sources, /src writable for this one step.
         if req.sources:
             mounts = [sandbox.Mount(dirs["src"], "/src", writable=True)]
-            cmds = ["set -eu"]
-            for i, (f, s) in enumerate(zip(req.sources, r.sources, strict=True)):
-                target = f"/sources/{i}-{s.name}"
-                mounts.append(sandbox.Mount(f.path, target))
-                dest = f"/src/{s.destination}".rstrip("/")
-                cmds.append(f"mkdir -p '{dest}'")
-                if s.extract:
-                    cmds.append(
-                        f"tar -xf '{target}' -C '{dest}' --strip-components={s.strip_components} "
-                        "--no-same-owner --no-same-permissions --delay-directory-restore"
-                    )
-                else:
-                    cmds.append(f"cp '{target}' '{dest}/{s.name}'")
-            self._step(req, "unpack", "\n".join(cmds), mounts, env, log, timings, jobserver=False, cwd="/src",
+            for i, (f, s) in enumerate(zip(req.sources, req.recipe.recipe.sources, strict=True)):
+                mounts.append(sandbox.Mount(f.path, source_target(i, s.name)))
+            self._step(req, "unpack", unpack_script(req), mounts, env, log, timings, jobserver=False, cwd="/src",
                        tmpfs=("/sources",))
             faults.point("after-unpack")
 
@@ -219,14 +288,15 @@ class LocalExecutor:
             sandbox.Mount(dirs["destdir"], "/destdir", writable=True),
             sandbox.Mount(dirs["sysroot"], "/sysroot"),
         ]
-        folder = self._snapshot_folder(req, tmp / "recipe") if req.recipe.folder is not None else None
+        folder = snapshot_folder(req, tmp / "recipe") if req.recipe.folder is not None else None
         if folder is not None:
             mounts.append(sandbox.Mount(folder, "/recipe"))
         for phase in buildsys.phases(r, check=req.run_check):
             self._step(req, phase.name, phase.script, mounts, env, log, timings, jobserver=phase.uses_jobserver)
             if phase.name == "configure" and isinstance(r.build, KbuildBuild) and r.build.fragments:
                 assert folder is not None
-                self._check_kconfig(req, folder, dirs["build"], log)
+                check_kconfig(req, folder, (dirs["build"] / "_b" / ".config").read_text(), log,
+                              self.cache.log_path(req.name))
 
         faults.point("after-build")
         t0 = time.monotonic()
@@ -234,25 +304,10 @@ class LocalExecutor:
         timings["split"] = round(time.monotonic() - t0, 3)
         faults.point("after-split")
         header(f"done in {time.time() - started:.1f}s")
-        return {
-            "name": r.name,
-            "version": r.version,
-            "license": r.license,
-            "build_logic": BUILD_LOGIC_VERSION,
-            "sources": [
-                {"name": s.name, "url": s.url, "sha256": f.digest, "fetched_from": f.origin}
-                for f, s in zip(req.sources, r.sources, strict=True)
-            ],
-            "inputs": {n: o.digest() for n, o in sorted(req.inputs.items())},
-            "env_identity": req.env_identity,
-            "toolchain": req.toolchain.name,
-            "isolation": "bwrap: user, mount, pid, ipc, uts, cgroup and network namespaces; read-only root",
-            "build_env": "host /usr" if req.env_root is None else req.env_identity,
-            "started": round(started, 3),
-            "finished": round(time.time(), 3),
-            "timings": timings,
-            "log": str(log_path),
-        }
+        return build_record(req, started=started, timings=timings, log_path=log_path,
+                            isolation="bwrap: user, mount, pid, ipc, uts, cgroup and network namespaces; "
+                            "read-only root",
+                            build_env="host /usr" if req.env_root is None else req.env_identity)
 
     def _step(
         self,
@@ -295,32 +350,3 @@ class LocalExecutor:
                 f"{name} step failed (exit status {rc})",
                 hint=f"see the log: {self.cache.log_path(req.name)}",
             )
-
-    @staticmethod
-    def _snapshot_folder(req: BuildRequest, dest: Path) -> Path:
-        """A copy of the recipe folder as the cache key saw it: the build reads the copy, so an edit made
-        while it runs cannot end up in an output stored under the key of the folder before the edit."""
-        folder = req.recipe.folder
-        assert folder is not None
-        shutil.copytree(folder, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-        if digest_folder(dest, dest / req.recipe.path.name) != req.recipe.files_digest:
-            raise HadronError(
-                f"{req.name}: the recipe folder {folder} changed after the build was planned",
-                hint="run the build again: its key will be computed from the folder as it is now",
-            )
-        return dest
-
-    def _check_kconfig(self, req: BuildRequest, folder: Path, build_dir: Path, log: BinaryIO) -> None:
-        b = req.recipe.recipe.build
-        assert isinstance(b, KbuildBuild)
-        config = (build_dir / "_b" / ".config").read_text()
-        frags = {f: (folder / f).read_text() for f in b.fragments}
-        problems = buildsys.kbuild_fragment_problems(config, frags)
-        if problems:
-            log.write(("\n".join(problems) + "\n").encode())
-            raise HadronError(
-                f"{req.name}: kernel config fragments did not apply:\n  " + "\n  ".join(problems),
-                hint="a symbol's dependencies are unmet; add them to the fragment (see the log: "
-                f"{self.cache.log_path(req.name)})",
-            )
-

@@ -60,6 +60,10 @@ class Reporter:
             else:
                 self._line(f"{name}: {phase}")
 
+    def note(self, name: str, text: str) -> None:
+        with self._lock:
+            self._line(f"{name}: {text}")
+
     def finished(self, name: str, status: str, detail: str = "") -> None:
         with self._lock:
             self.running.pop(name, None)

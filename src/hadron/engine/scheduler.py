@@ -22,6 +22,7 @@ from hadron.engine.fetch import SourceStore, fetch_recipe
 from hadron.engine.graph import Graph
 from hadron.engine.mirrors import MirrorProvider
 from hadron.engine.progress import Reporter
+from hadron.engine.remote import Refused, RemoteCache
 from hadron.engine.toolchain import Toolchain
 from hadron.errors import HadronError
 from hadron.host import EnvIdentity, missing_tools_error, sandbox_path
@@ -30,12 +31,13 @@ from hadron.host import EnvIdentity, missing_tools_error, sandbox_path
 @dataclass
 class Result:
     name: str
-    status: str  # cached | built | failed | skipped
+    status: str  # cached | pulled (from the remote cache) | built | failed | skipped
     key: str | None = None
     output: Output | None = None
     error: str | None = None
     log: str | None = None
     seconds: float = 0.0
+    remote: str | None = None  # what the remote cache did: "signed by NAME", "pushed", "refused: …"
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        return all(r.status in ("cached", "built") for r in self.results.values())
+        return all(r.status in ("cached", "built", "pulled") for r in self.results.values())
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results.values() if r.status == status)
@@ -145,7 +147,11 @@ class Scheduler:
         store: SourceStore,
         mirrors: list[MirrorProvider],
         reporter_factory: Callable[[int], Reporter],
+        remote: RemoteCache | None = None,
+        push: bool = False,
     ) -> None:
+        self.remote = remote
+        self.push = push and remote is not None and remote.signing_key is not None
         self.planner = planner
         self.executor = executor
         self.store = store
@@ -173,10 +179,30 @@ class Scheduler:
                     return d
             return None
 
+        def pull(n: str, key: str, rep: Reporter) -> tuple[Output | None, str | None]:
+            assert self.remote is not None
+            rep.phase(n, "pull")
+            try:
+                pulled = self.remote.pull(key)
+            except Refused as e:
+                rep.note(n, f"remote artifact refused: {e.message}; building it here")
+                return None, f"refused: {e.message}"
+            except HadronError as e:
+                rep.note(n, f"remote cache unavailable: {e.message}; building it here")
+                return None, f"unavailable: {e.message}"
+            return (pulled.output, f"signed by {pulled.signer}") if pulled else (None, None)
+
         def work(n: str, key: str, slot: bytes, rep: Reporter) -> None:
             t0 = time.monotonic()
             lr = graph.recipes[n]
+            remote_note: str | None = None
             try:
+                if self.remote is not None:
+                    pulled, remote_note = pull(n, key, rep)
+                    if pulled is not None:
+                        done_q.put((n, Result(n, "pulled", key, pulled, seconds=time.monotonic() - t0,
+                                              log=str(pulled.log), remote=remote_note), slot))
+                        return
                 rep.phase(n, "fetch")
                 fetched = fetch_recipe(
                     self.store, lr, self.mirrors, offline=self.settings.offline, upstream=self.settings.upstream
@@ -200,8 +226,16 @@ class Scheduler:
                     on_phase=lambda p: rep.phase(n, p),
                 )
                 out = self.executor.build(req)
+                if self.push and self.remote is not None and not out.reused:
+                    rep.phase(n, "push")
+                    try:
+                        self.remote.push(out)
+                        remote_note = "pushed"
+                    except HadronError as e:
+                        rep.note(n, f"could not push to the remote cache: {e.message}")
+                        remote_note = f"push failed: {e.message}"
                 res = Result(n, "cached" if out.reused else "built", key, out,
-                             seconds=time.monotonic() - t0, log=str(out.log))
+                             seconds=time.monotonic() - t0, log=str(out.log), remote=remote_note)
             except HadronError as e:
                 res = Result(n, "failed", key, error=str(e), seconds=time.monotonic() - t0,
                              log=str(self.planner.cache.log_path(n)))

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -196,3 +197,82 @@ def write_docker_archive(layout: Path, tag: str, archive: Path, ref: str) -> Non
 def push(layout: Path, tag: str, ref: str, *, tls_verify: bool = True) -> None:
     dest = ref if "://" in ref else f"docker://{ref}"
     skopeo("copy", "--quiet", f"--dest-tls-verify={'true' if tls_verify else 'false'}", f"oci:{layout}:{tag}", dest)
+
+
+# ------------------------------------------------------------------------------ file artifacts
+# Files that travel through a registry (update sets, package outputs) go as one OCI artifact: an
+# empty config, one layer per file (its name in the standard title annotation), artifactType
+# naming what it is. skopeo carries it like any image and checks every blob's digest.
+EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
+TITLE = "org.opencontainers.image.title"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~^-]*$")
+
+
+def _file_blob(layout: Path, src: Path) -> dict[str, object]:
+    h = hashlib.sha256()
+    with src.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    dest = layout / "blobs" / "sha256" / h.hexdigest()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+    return {"digest": f"sha256:{h.hexdigest()}", "size": src.stat().st_size}
+
+
+def write_artifact(files: dict[str, Path], layout: Path, tag: str, *, artifact_type: str, file_media: str,
+                   annotations: dict[str, str] | None = None) -> str:
+    """``files`` (name -> path) as an OCI image layout holding one artifact tagged ``tag``; returns
+    the manifest digest."""
+    layers = [{"mediaType": file_media, **_file_blob(layout, files[n]), "annotations": {TITLE: n}}
+              for n in sorted(files)]
+    empty = put_blob(layout, b"{}")
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "artifactType": artifact_type,
+        "config": {"mediaType": EMPTY_MEDIA, "digest": empty.digest, "size": empty.size}, "layers": layers}
+    if annotations:
+        manifest["annotations"] = annotations
+    m = put_blob(layout, _canonical(manifest))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": MEDIA_MANIFEST, "digest": m.digest, "size": m.size,
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return m.digest
+
+
+def read_artifact(layout: Path, what: str, *, artifact_type: str, file_media: str) -> dict[str, Path]:
+    """The files of the one artifact in ``layout`` (name -> blob path, each re-hashed), after
+    checking it is an ``artifact_type`` whose layers are all named files; ``what`` names it in errors."""
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(read_blob(layout, index["manifests"][0]["digest"]))
+    if manifest.get("artifactType") != artifact_type:
+        raise HadronError(f"{what} is not a {artifact_type} artifact (artifactType {manifest.get('artifactType')!r})")
+    out: dict[str, Path] = {}
+    for layer in manifest.get("layers", []):
+        name = str(layer.get("annotations", {}).get(TITLE, ""))
+        if layer.get("mediaType") != file_media or not SAFE_NAME.match(name) or name in out:
+            raise HadronError(f"{what} has a layer that is not one of its files: {layer.get('mediaType')} {name!r}")
+        digest = str(layer["digest"])
+        _check_blob(layout, digest)
+        out[name] = layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    return out
+
+
+def _check_blob(layout: Path, digest: str) -> None:
+    algo, _, hexd = digest.partition(":")
+    path = layout / "blobs" / algo / hexd
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if algo != "sha256" or h.hexdigest() != hexd:
+        raise HadronError(f"blob {digest} in the pulled layout does not match its digest")
+
+
+def read_blob(layout: Path, digest: str) -> bytes:
+    _check_blob(layout, digest)
+    algo, _, hexd = digest.partition(":")
+    return (layout / "blobs" / algo / hexd).read_bytes()

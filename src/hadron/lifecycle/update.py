@@ -14,7 +14,6 @@ nothing for a local directory source, so a directory is verified before it is ha
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -223,43 +222,16 @@ def verify(directory: Path, db_cert: Path, *, current: str | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------ through a registry
-# An update set travels as one OCI artifact: an empty config, one layer per file (its name in the
-# standard title annotation), artifactType naming what it is. skopeo carries it like any image.
+# An update set travels as one OCI file artifact (see hadron.image.oci.write_artifact).
 ARTIFACT_TYPE = "application/vnd.hadron.update.v1"
 FILE_MEDIA = "application/vnd.hadron.update.file.v1"
-EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
-TITLE = "org.opencontainers.image.title"
-
-
-def _file_blob(layout: Path, src: Path) -> dict[str, object]:
-    digest = file_sha256(src)
-    dest = layout / "blobs" / "sha256" / digest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.exists():
-        shutil.copyfile(src, dest)
-    return {"digest": f"sha256:{digest}", "size": src.stat().st_size}
-
-
-def _data_blob(layout: Path, data: bytes) -> dict[str, object]:
-    b = oci.put_blob(layout, data)
-    return {"digest": b.digest, "size": b.size}
 
 
 def to_layout(directory: Path, layout: Path, tag: str) -> None:
     """The update directory as an OCI image layout holding one artifact tagged ``tag``."""
-    import json
-
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    layers = [{"mediaType": FILE_MEDIA, **_file_blob(layout, directory / n), "annotations": {TITLE: n}}
-              for n in names]
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "artifactType": ARTIFACT_TYPE, "config": {"mediaType": EMPTY_MEDIA, **_data_blob(layout, b"{}")},
-                "layers": layers}
-    m = _data_blob(layout, json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **m,
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    oci.write_artifact({n: directory / n for n in names}, layout, tag, artifact_type=ARTIFACT_TYPE,
+                       file_media=FILE_MEDIA)
 
 
 def push(directory: Path, db_cert: Path, ref: str, *, tls_verify: bool = True) -> dict[str, list[str]]:
@@ -276,7 +248,6 @@ def pull(ref: str, directory: Path, db_cert: Path, *, current: str | None = None
          tls_verify: bool = True) -> dict[str, list[str]]:
     """Fetch the artifact at ``ref``, verify it (signature, checksums, versions) and only then
     write it to ``directory``, which must not exist yet."""
-    import json
 
     if directory.exists():
         raise HadronError(f"{directory} already exists", hint="pull into a new directory")
@@ -285,26 +256,10 @@ def pull(ref: str, directory: Path, db_cert: Path, *, current: str | None = None
         layout, staged = Path(td) / "layout", Path(td) / "set"
         runner.run(["skopeo", "copy", "--quiet", f"--src-tls-verify={'true' if tls_verify else 'false'}",
                     f"docker://{ref}", f"oci:{layout}:update"], what=f"pulling the update set {ref}")
-        index = json.loads((layout / "index.json").read_text())
-        mdesc = index["manifests"][0]
-        manifest = json.loads(_read_blob(layout, mdesc["digest"]))
-        if manifest.get("artifactType") != ARTIFACT_TYPE:
-            raise HadronError(f"{ref} is not a Hadron update set (artifactType {manifest.get('artifactType')!r})",
-                              hint="push one with `hadron update push`")
+        files = oci.read_artifact(layout, ref, artifact_type=ARTIFACT_TYPE, file_media=FILE_MEDIA)
         staged.mkdir()
-        for layer in manifest.get("layers", []):
-            name = str(layer.get("annotations", {}).get(TITLE, ""))
-            if layer.get("mediaType") != FILE_MEDIA or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+~^-]*$", name):
-                raise HadronError(f"{ref} has a layer that is not an update file: {layer.get('mediaType')} {name!r}")
-            (staged / name).write_bytes(_read_blob(layout, str(layer["digest"])))
+        for name, blob in files.items():
+            shutil.copyfile(blob, staged / name)
         versions = verify(staged, db_cert, current=current)
         os.replace(staged, directory)
     return versions
-
-
-def _read_blob(layout: Path, digest: str) -> bytes:
-    algo, _, hexd = digest.partition(":")
-    data = (layout / "blobs" / algo / hexd).read_bytes()
-    if algo != "sha256" or hashlib.sha256(data).hexdigest() != hexd:
-        raise HadronError(f"blob {digest} in the pulled layout does not match its digest")
-    return data
