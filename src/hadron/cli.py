@@ -6,6 +6,7 @@ Only click and the standard library are imported up front: a no-op ``hadron buil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -308,14 +309,20 @@ def cache_push(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: s
 def cache_gc(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
              as_json: bool, keep_all_current: bool) -> None:
     """Delete outputs and images the current recipes and images no longer produce (all of them, or all but
-    TARGETS' with --only-targets), and leftovers of interrupted builds and boots."""
+    TARGETS' with --only-targets), build environments other than the locked one, and leftovers of
+    interrupted builds and boots."""
     from hadron import service
 
     ctx = _ctx(recipes, toolchain, cache_dir)
     if keep_all_current and targets:
         raise HadronError("TARGETS are only used with --only-targets", hint="add --only-targets, or drop the TARGETS")
+    from hadron.engine import buildenv
+
     keep = service.current_keys(ctx, None if keep_all_current else list(targets))
     res = ctx.cache.gc(keep.outputs, keep.images)
+    locked = buildenv.read_lock(ctx.settings.project)
+    envs, env_bytes = buildenv.prune(ctx.layout, {locked.digest} if locked else set())
+    res = dataclasses.replace(res, count=res.count + envs, freed=res.freed + env_bytes)
     if as_json:
         click.echo(json.dumps({"removed": res.count, "bytes_freed": res.freed, "kept_outputs": len(keep.outputs),
                                "kept_images": len(keep.images)}))

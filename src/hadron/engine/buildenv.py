@@ -440,3 +440,18 @@ def ensure(layout: CacheLayout, project: Path, *, remote: str | None, tls_verify
                           "hadron.toml), or adopt this one with `hadron buildenv build --update-lock`")
     warn(message + "; building with it: cache keys will differ from the lock's")
     return env
+
+
+def prune(layout: CacheLayout, keep: set[str]) -> tuple[int, int]:
+    """Remove the environments whose digest is not in ``keep``; returns (count, bytes freed)."""
+    from hadron.layout import tree_size
+
+    count = freed = 0
+    if layout.buildenvs.is_dir():
+        for p in sorted(layout.buildenvs.iterdir()):
+            if f"sha256:{p.name}" in keep:
+                continue
+            freed += tree_size(p)
+            remove_tree(p)
+            count += 1
+    return count, freed
