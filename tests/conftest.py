@@ -1,11 +1,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from services import Registry
 from synth import http_server, make_tarball, write_package
 
 
@@ -100,56 +98,6 @@ def mini(project: Project) -> Project:
     add_static_hello(project)
     add_image(project, "mini", ["hello"])
     return project
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Registry:
-    """A docker-registry on 127.0.0.1 with its storage under ``root``; stopped by its own pid."""
-
-    root: Path
-    port: int = field(default_factory=lambda: _free_port())
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        exe = shutil.which("docker-registry")
-        if exe is None:
-            pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
-        cfg = self.root / "registry.yml"
-        self.root.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " + str(self.root / "storage") + "\n"
-            f"http:\n  addr: {self.address}\nlog:\n  level: error\n"
-        )
-        self.proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"docker-registry did not listen on {self.address}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -388,6 +389,17 @@ def test_host_setup_on_bare_debian(bare_root: Root) -> None:
         res = r.inside("test collection", ["scripts/test", "--co", "-q", "tests/test_recipe.py"])
         m = re.search(r"^(\d+) tests? collected", res.output, re.M)
         assert res.ok and m and int(m.group(1)) > 0, res.describe()
+
+    with r.phase("build environment"):
+        # The main command's first step on a fresh machine: the hermetic build environment.
+        res = r.inside("hadron buildenv build", ["hadron", "buildenv", "build", "--cache-dir", "/var/tmp/bare-cache",
+                                                "--json"], timeout=SETUP_TIMEOUT)
+        doc = next((json.loads(line) for line in res.output.splitlines() if line.startswith("{")), None)
+        assert doc is not None and doc["digest"].startswith("sha256:"), res.describe()
+        assert res.ok or doc["differences"], res.describe()  # exit 1 only names how it differs from the lock
+        r.notes.append(f"build environment {doc['digest']}: "
+                       + ("the one buildenv.lock names" if doc["matches_lock"] else
+                          f"differs from buildenv.lock: {'; '.join(doc['differences'][:5])}"))
 
     with r.phase("host-setup again"):
         res = r.inside("second host-setup", ["scripts/host-setup"], timeout=SETUP_TIMEOUT)

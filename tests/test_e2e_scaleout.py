@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import Registry
 from hadron.engine import buildenv, remote
 from hadron.layout import CacheLayout
+from services import Daemon, Registry, start_dockerd
 from synth import http_server, write_package
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERD = "/usr/sbin/dockerd"
-DOCKER = "/usr/bin/docker"
 REAL = ["toolchain-host", "linux-headers", "musl", "zlib"]
 SYNTH = ["liba", "libb", "appc"]
 
@@ -42,53 +38,6 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Daemon:
-    name: str
-    root: Path
-    exec_root: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def address(self) -> str:
-        return f"unix://{self.root / 'docker.sock'}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.root / "data", ignore_errors=True)
-        shutil.rmtree(self.exec_root, ignore_errors=True)
-
-
-def start_dockerd(base: Path, name: str) -> Daemon:
-    for exe in (DOCKERD, DOCKER):
-        if not Path(exe).exists():
-            pytest.fail(f"{exe} is missing (apt-get install docker.io)")
-    root = base / f"dockerd-{name}"
-    root.mkdir(parents=True)
-    exec_root = Path(f"/run/hadron-test-{os.getpid()}-{name}")
-    log = (root / "dockerd.log").open("wb")
-    proc = subprocess.Popen(
-        [DOCKERD, "--data-root", str(root / "data"), "--exec-root", str(exec_root),
-         "-H", f"unix://{root / 'docker.sock'}", "--pidfile", str(root / "dockerd.pid"),
-         "--iptables=false", "--ip-masq=false", "--bridge=none", "--storage-driver=overlay2",
-         "--containerd-namespace", f"hadron-test-{name}", "--containerd-plugins-namespace",
-         f"hadron-test-{name}-plugins"], stdout=log, stderr=subprocess.STDOUT)
-    d = Daemon(name, root, exec_root, proc)
-    for _ in range(120):
-        if subprocess.run([DOCKER, "-H", d.address, "version"], capture_output=True).returncode == 0:
-            return d
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    d.stop()
-    pytest.fail(f"dockerd {name} did not start: {(root / 'dockerd.log').read_text()[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     base = tmp_path_factory.mktemp("scaleout")
@@ -96,7 +45,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     reg.start()
     daemons: list[Daemon] = []
     try:
-        daemons = [start_dockerd(base, "a"), start_dockerd(base, "b")]
+        try:
+            daemons = [start_dockerd(base, "a"), start_dockerd(base, "b")]
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield {"base": base, "registry": reg.address, "a": daemons[0], "b": daemons[1]}
     finally:
         for d in daemons:
@@ -141,7 +93,8 @@ def test_two_workers_a_registry_and_three_caches(world: dict[str, object]) -> No
     base, registry = Path(str(world["base"])), str(world["registry"])
     da, db = world["a"], world["b"]
     assert isinstance(da, Daemon) and isinstance(db, Daemon)
-    secret, public = remote.generate_key("worker-a", base / "keys")
+    secret, public_file = remote.generate_key("worker-a", base / "keys")
+    public = public_file.read_text().strip()
     extra = base / "synthetic"
     extra.mkdir()
     (base / "dist-root").mkdir()

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, Registry
+from conftest import Project
 from hadron.engine import remote
 from hadron.errors import HadronError
 from hadron.image import oci
+from services import Registry
 
 pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
 

@@ -247,12 +247,21 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
                 whos.append(who)
             tools[t] = (ok, whos)
 
+    from hadron.engine import buildenv
+    from hadron.engine.scheduler import recipe_host_tools
+
     build_path = host.sandbox_path(ctx.settings.extra_path)
+    # With a locked environment, build steps run inside it (made from the table's build-environment
+    # rows): the host needs what makes or fetches it, not the compilers.
+    locked = ctx.settings.env_root == "lock" and buildenv.read_lock(ctx.settings.project) is not None
     for name in images:
         packages, _ = expand_targets(ctx, [name])
-        for n in ctx.graph.closure(packages):
-            need(f"build ({ctx.toolchain.name} toolchain)", [*host.BASE_HOST_TOOLS, *ctx.planner.host_tools(n)],
-                 n, build_path)
+        if locked:
+            need("build environment (buildenv.lock)", buildenv.HOST_TOOLS, name)
+        else:
+            for n in ctx.graph.closure(packages):
+                need(f"build ({ctx.toolchain.name} toolchain)",
+                     [*host.BASE_HOST_TOOLS, *recipe_host_tools(ctx.recipes[n].recipe, ctx.toolchain)], n, build_path)
         need("build (sandbox)", sandbox.HOST_TOOLS, name)
         need("image assembly", [*assembly.HOST_TOOLS, *oci.HOST_TOOLS], name)
         spec = ctx.images[name].spec

@@ -22,6 +22,7 @@ from hadron.engine.fetch import SourceStore, fetch_recipe
 from hadron.engine.graph import Graph
 from hadron.engine.mirrors import MirrorProvider
 from hadron.engine.progress import Reporter
+from hadron.engine.recipe import Recipe
 from hadron.engine.remote import Refused, RemoteCache
 from hadron.engine.toolchain import Toolchain
 from hadron.errors import HadronError
@@ -68,6 +69,14 @@ SYSTEM_TOOLS: dict[str, tuple[str, ...]] = {
 }
 
 
+def recipe_host_tools(r: Recipe, toolchain: Toolchain) -> list[str]:
+    """Programs a recipe's build steps may run: its build system's, its own, its toolchain's."""
+    tools = [*SYSTEM_TOOLS[r.build.system], *r.depends.host]
+    if r.depends.toolchain:
+        tools += toolchain.host_tools
+    return tools
+
+
 class Planner:
     """Computes cache keys. A key needs the content digests of the package's inputs, so it is
     known once they are built (or found in the cache)."""
@@ -91,11 +100,7 @@ class Planner:
         return self._inputs[name]
 
     def host_tools(self, name: str) -> list[str]:
-        r = self.graph.recipes[name].recipe
-        tools = [*SYSTEM_TOOLS[r.build.system], *r.depends.host]
-        if r.depends.toolchain:
-            tools += self.toolchain.host_tools
-        return tools
+        return recipe_host_tools(self.graph.recipes[name].recipe, self.toolchain)
 
     def check_host_tools(self, names: list[str]) -> None:
         missing: dict[str, list[str]] = {}
