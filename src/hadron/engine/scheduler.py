@@ -7,6 +7,7 @@ off, in which case no new package starts after the first failure.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 from collections.abc import Callable
@@ -77,6 +78,9 @@ def recipe_host_tools(r: Recipe, toolchain: Toolchain) -> list[str]:
     return tools
 
 
+MAX_KEY_CANDIDATES = 16
+
+
 class Planner:
     """Computes cache keys. A key needs the content digests of the package's inputs, so it is
     known once they are built (or found in the cache)."""
@@ -111,23 +115,35 @@ class Planner:
             raise missing_tools_error(missing, self.env.digest if self.env is not None else None)
 
     def source_digests(self, name: str) -> list[str]:
+        """Per source, the digest the key uses: the first one in the store (upstream's if none is)."""
+        return [choices[0] for choices in self._digest_choices(name)]
+
+    def _digest_choices(self, name: str) -> list[list[str]]:
         out = []
         for s in self.graph.recipes[name].recipe.sources:
             ds = s.digests()
-            out.append(next((d for d in ds if self.store.has(d)), ds[0]))
+            stored = [d for d in ds if self.store.has(d)]
+            out.append(stored + [d for d in ds if d not in stored])
         return out
 
-    def key(self, name: str, outputs: dict[str, Output]) -> str:
+    def candidate_keys(self, name: str, outputs: dict[str, Output]) -> list[str]:
+        """Keys of ``name`` for every choice among its sources' equivalent digests (upstream's file or a
+        mirror's repack, each verified by the recipe), the store's choice first: an output built from
+        either is the package's."""
         lr = self.graph.recipes[name]
-        return compute_key(
-            recipe_digest=lr.digest(),
-            steps_digest=buildsys.steps_digest(lr.recipe),
-            source_digests=self.source_digests(name),
-            input_digests={d: outputs[d].digest() for d in self.inputs(name)},
-            env_identity=self.envid.identity(self.host_tools(name)),
-            toolchain=self.toolchain.digest() if lr.recipe.depends.toolchain else "none",
-            arch=self.settings.arch,
-        )
+        recipe_digest, steps_digest = lr.digest(), buildsys.steps_digest(lr.recipe)
+        inputs = {d: outputs[d].digest() for d in self.inputs(name)}
+        env = self.envid.identity(self.host_tools(name))
+        toolchain = self.toolchain.digest() if lr.recipe.depends.toolchain else "none"
+        combos = itertools.islice(itertools.product(*self._digest_choices(name)), MAX_KEY_CANDIDATES)
+        return [compute_key(recipe_digest=recipe_digest, steps_digest=steps_digest, source_digests=list(c),
+                            input_digests=inputs, env_identity=env, toolchain=toolchain, arch=self.settings.arch)
+                for c in combos]
+
+    def key(self, name: str, outputs: dict[str, Output]) -> str:
+        """The package's key: the first candidate already in the cache, else the store's choice."""
+        cands = self.candidate_keys(name, outputs)
+        return next((k for k in cands if self.cache.get(k) is not None), cands[0])
 
     def resolve_cached(self, targets: list[str]) -> tuple[dict[str, Output], dict[str, str]]:
         """Walk the closure in order while everything is cached; returns outputs and keys found."""
@@ -184,11 +200,15 @@ class Scheduler:
                     return d
             return None
 
-        def pull(n: str, key: str, rep: Reporter) -> tuple[Output | None, str | None]:
+        def pull(n: str, rep: Reporter) -> tuple[Output | None, str | None]:
             assert self.remote is not None
             rep.phase(n, "pull")
             try:
-                pulled = self.remote.pull(key)
+                pulled = None
+                for k in self.planner.candidate_keys(n, outputs):
+                    pulled = self.remote.pull(k)
+                    if pulled is not None:
+                        break
             except Refused as e:
                 rep.note(n, f"remote artifact refused: {e.message}; building it here")
                 return None, f"refused: {e.message}"
@@ -203,9 +223,9 @@ class Scheduler:
             remote_note: str | None = None
             try:
                 if self.remote is not None:
-                    pulled, remote_note = pull(n, key, rep)
+                    pulled, remote_note = pull(n, rep)
                     if pulled is not None:
-                        done_q.put((n, Result(n, "pulled", key, pulled, seconds=time.monotonic() - t0,
+                        done_q.put((n, Result(n, "pulled", pulled.key, pulled, seconds=time.monotonic() - t0,
                                               log=str(pulled.log), remote=remote_note), slot))
                         return
                 rep.phase(n, "fetch")
