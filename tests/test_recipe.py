@@ -217,7 +217,7 @@ def test_a_folder_edited_after_planning_is_refused_not_built(tmp_path: Path) -> 
     the old key (an edit to a kernel fragment during a long build did exactly that)."""
     from types import SimpleNamespace
 
-    from hadron.engine.executor import LocalExecutor
+    from hadron.engine.executor import snapshot_folder
     from hadron.errors import HadronError
 
     folder = tmp_path / "zlib"
@@ -226,8 +226,8 @@ def test_a_folder_edited_after_planning_is_refused_not_built(tmp_path: Path) -> 
     (folder / "extra.config").write_text("CONFIG_A=y\n")
     loaded = parse_recipe(folder / "recipe.toml", expect_name="zlib")
     req = SimpleNamespace(name="zlib", recipe=loaded)
-    snap = LocalExecutor._snapshot_folder(req, tmp_path / "snap1")  # type: ignore[arg-type]
+    snap = snapshot_folder(req, tmp_path / "snap1")  # type: ignore[arg-type]
     assert (snap / "extra.config").read_text() == "CONFIG_A=y\n"
     (folder / "extra.config").write_text("CONFIG_A=n\n")
     with pytest.raises(HadronError, match="changed after the build was planned"):
-        LocalExecutor._snapshot_folder(req, tmp_path / "snap2")  # type: ignore[arg-type]
+        snapshot_folder(req, tmp_path / "snap2")  # type: ignore[arg-type]
