@@ -183,3 +183,14 @@ def test_registry_killed_mid_push_leaves_nothing_a_pull_accepts(project: Project
         assert got["key"] == built["key"]
     finally:
         reg.stop()
+
+
+def test_an_unreachable_registry_is_reported_once_and_everything_builds(project: Project) -> None:
+    from services import free_port
+
+    project.add("liba", "make")
+    project.add("libb", "autotools", ["liba"])
+    _config(project, f"127.0.0.1:{free_port()}", push=False)  # nothing listens there
+    res = project.hadron("build", check=True)
+    assert res.stderr.count("remote cache unavailable") == 1
+    assert "liba: built in" in res.stderr and "libb: built in" in res.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +201,8 @@ class Scheduler:
                     return d
             return None
 
+        remote_down = threading.Event()
+
         def pull(n: str, rep: Reporter) -> tuple[Output | None, str | None]:
             assert self.remote is not None
             rep.phase(n, "pull")
@@ -213,7 +216,11 @@ class Scheduler:
                 rep.note(n, f"remote artifact refused: {e.message}; building it here")
                 return None, f"refused: {e.message}"
             except HadronError as e:
-                rep.note(n, f"remote cache unavailable: {e.message}; building it here")
+                # The registry is down or unreachable: say so once and stop asking for this run.
+                if not remote_down.is_set():
+                    remote_down.set()
+                    rep.note(n, f"remote cache unavailable: {e.message}; building here, and not asking it "
+                             "again in this run")
                 return None, f"unavailable: {e.message}"
             return (pulled.output, f"signed by {pulled.signer}") if pulled else (None, None)
 
@@ -222,7 +229,7 @@ class Scheduler:
             lr = graph.recipes[n]
             remote_note: str | None = None
             try:
-                if self.remote is not None:
+                if self.remote is not None and not remote_down.is_set():
                     pulled, remote_note = pull(n, rep)
                     if pulled is not None:
                         done_q.put((n, Result(n, "pulled", pulled.key, pulled, seconds=time.monotonic() - t0,
