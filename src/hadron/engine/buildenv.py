@@ -44,7 +44,7 @@ TOOLS_REQUIREMENTS = ("meson", "jinja2", "pyelftools")
 # Mount points the sandbox binds over (made in the tree: its root is read-only).
 MOUNT_POINTS = ("src", "build", "destdir", "sysroot", "recipe", "sources")
 # Host programs this module runs (rows of hadron.host's table).
-HOST_TOOLS = ("mmdebstrap", "unshare", "skopeo", "tar")
+HOST_TOOLS = ("mmdebstrap", "unshare", "mount", "skopeo", "tar")
 MMDEBSTRAP_TIMEOUT = 1800
 # Inside the tree (so covered by the digest): what it was made from.
 DESCRIPTION = "usr/share/hadron/buildenv.json"
@@ -275,7 +275,11 @@ def make(layout: CacheLayout, epoch: int, *, pins: EnvLock | None = None,
         ]
         argv: list[str] = []
         if os.geteuid() == 0:
-            argv += ["unshare", "--mount", "--propagation", "private", "--", "mmdebstrap", "--mode=root"]
+            # A private mount namespace, so that nothing mmdebstrap mounts outlives it. `unshare
+            # --propagation private` fails where / is not a mount point (a chroot): make / private
+            # from inside instead, where that is possible.
+            argv += ["unshare", "--mount", "--propagation", "unchanged", "--", "/bin/sh", "-c",
+                     'mount --make-rprivate / 2>/dev/null; exec "$@"', "mmdebstrap", "mmdebstrap", "--mode=root"]
         else:
             argv += ["mmdebstrap", "--mode=unshare"]
         argv += ["--quiet", "--variant=minbase", "--format=directory", "--include=" + ",".join(packages)]
