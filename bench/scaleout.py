@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,10 +67,12 @@ def project(base: Path, toolchain: str, extra: str = "") -> Path:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))  # run the cleanups: daemon, registry, temp dir
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packages", default="zlib,musl,util-linux", help="comma-separated; their closure is built")
     ap.add_argument("--image", default="core", help="image for cold vs warm ('' to skip)")
     ap.add_argument("--toolchain", default="host")
+    ap.add_argument("--keep", type=Path, help="keep the caches: move the work directory here at the end")
     args = ap.parse_args()
     source_cache = Path(os.environ.get("HADRON_CACHE", Path.home() / ".cache" / "hadron"))
     lock = buildenv.read_lock(ROOT)
@@ -126,6 +129,9 @@ def main() -> None:
             print(f"  hadron cache push              {t_push:8.1f} s  (registry now {size / 1e6:.0f} MB)")
             print(f"  warm build from the registry   {t_warm:8.1f} s  statuses {statuses}, outputs identical: {same}")
             print(f"  warm / cold                    {t_warm / t_cold:8.3f}")
+        if args.keep is not None:
+            shutil.move(str(base), args.keep)
+            base.mkdir()
 
 
 def _seconds(p: object) -> float:

@@ -315,8 +315,13 @@ def _tidy(tree: Path) -> None:
                     remove_tree(entry)
                 else:
                     entry.unlink()
-    for f in ("var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"):
+    # What mmdebstrap copies from the machine that runs it (its hostname, resolver and apt sources)
+    # would make the digest depend on that machine: the sandbox provides none of them.
+    for f in ("var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin", "etc/hostname", "etc/resolv.conf",
+              "etc/apt/sources.list"):
         (tree / f).unlink(missing_ok=True)
+    for f in (tree / "etc/apt/sources.list.d").glob("*"):
+        f.unlink()
     for m in MOUNT_POINTS:
         (tree / m).mkdir(exist_ok=True)
 
