@@ -320,8 +320,8 @@ def _tidy(tree: Path) -> None:
     for f in ("var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin", "etc/hostname", "etc/resolv.conf",
               "etc/apt/sources.list"):
         (tree / f).unlink(missing_ok=True)
-    for f in (tree / "etc/apt/sources.list.d").glob("*"):
-        f.unlink()
+    for listing in (tree / "etc/apt/sources.list.d").glob("*"):
+        listing.unlink()
     for m in MOUNT_POINTS:
         (tree / m).mkdir(exist_ok=True)
 
