@@ -64,6 +64,21 @@ def test_resolve_follows_links_inside_the_tree(tmp_path: Path) -> None:
     assert env.which("sh", "/usr/bin") is None  # the host has one; the tree does not
 
 
+def test_the_search_path_is_part_of_the_identity(tmp_path: Path) -> None:
+    env = buildenv.BuildEnv("sha256:" + "1" * 64, tmp_path / "e")
+    tools = f"{buildenv.TOOLS_VENV}/bin"
+    # The environment's own tools are searched whether or not the project names them ...
+    assert buildenv.extra_path(()) == (tools,)
+    assert buildenv.extra_path((tools,)) == (tools,)
+    assert buildenv.extra_path(("/opt/x/bin",)) == ("/opt/x/bin", tools)
+    default = buildenv.LockedIdentity(env, buildenv.search_path(())).identity(["meson"])
+    assert default == f"buildenv:{env.digest}"
+    assert buildenv.LockedIdentity(env, buildenv.search_path((tools,))).identity(["meson"]) == default
+    # ... and another PATH (another meson first) is another identity, so other keys.
+    other = buildenv.LockedIdentity(env, buildenv.search_path(("/opt/x/bin",))).identity(["meson"])
+    assert other != default and env.digest in other
+
+
 def test_bad_lock_is_refused_with_the_file_named(tmp_path: Path) -> None:
     (tmp_path / "buildenv.lock").write_text('{"digest": "sha256:abc"}')
     with pytest.raises(HadronError) as e:

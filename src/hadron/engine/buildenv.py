@@ -30,7 +30,7 @@ from typing import Any
 from hadron import runner
 from hadron.engine.mirrors import debian_binary_sources
 from hadron.errors import HadronError
-from hadron.host import build_env_packages
+from hadron.host import build_env_packages, sandbox_path
 from hadron.image import oci
 from hadron.layout import CacheLayout, remove_tree
 
@@ -167,8 +167,20 @@ class BuildEnv:
         return None
 
 
+def extra_path(project_path: tuple[str, ...]) -> tuple[str, ...]:
+    """What a build step on the environment searches before the standard PATH: the project's
+    ``[build_env] path``, then the environment's own tools venv (meson, jinja2, pyelftools), each
+    once. The environment brings its tools: a project need not name them to build what another built."""
+    return tuple(dict.fromkeys([*project_path, f"{TOOLS_VENV}/bin"]))
+
+
+def search_path(project_path: tuple[str, ...]) -> str:
+    return sandbox_path(extra_path(project_path))
+
+
 class LockedIdentity:
-    """Identity of builds run in a build environment: its digest, whatever tools a recipe names."""
+    """Identity of builds run in a build environment: its digest and the PATH steps search in it
+    (a project's ``[build_env] path`` decides which meson runs), whatever tools a recipe names."""
 
     def __init__(self, env: BuildEnv, search_path: str) -> None:
         self.env = env
@@ -185,7 +197,9 @@ class LockedIdentity:
         return [t for t in tools if self.which(t) is None]
 
     def identity(self, tools: list[str]) -> str:
-        return f"buildenv:{self.env.digest}"
+        if self.path == search_path(()):
+            return f"buildenv:{self.env.digest}"
+        return f"buildenv:{self.env.digest} PATH={self.path}"
 
     def save(self) -> None:
         pass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from hadron.config import Settings
 from hadron.engine import buildsys
-from hadron.engine.buildenv import BuildEnv, LockedIdentity
+from hadron.engine.buildenv import BuildEnv, LockedIdentity, extra_path
 from hadron.engine.cache import Cache, Output, compute_key
 from hadron.engine.executor import BuildRequest, Executor
 from hadron.engine.fetch import SourceStore, fetch_recipe
@@ -94,9 +94,11 @@ class Planner:
         self.store = store
         self.toolchain = toolchain
         self.env = env
+        # Directories searched before the standard PATH: the project's, and in an environment its tools.
+        self.extra_path = settings.extra_path if env is None else extra_path(settings.extra_path)
         self.envid: EnvIdentity | LockedIdentity = (
             EnvIdentity(settings.extra_path, cache.layout.envid) if env is None
-            else LockedIdentity(env, sandbox_path(settings.extra_path)))
+            else LockedIdentity(env, sandbox_path(self.extra_path)))
         self._inputs: dict[str, list[str]] = {}
 
     def inputs(self, name: str) -> list[str]:
@@ -252,7 +254,7 @@ class Scheduler:
                     toolchain=self.planner.toolchain,
                     source_date_epoch=self.settings.source_date_epoch,
                     arch=self.settings.arch,
-                    extra_path=self.settings.extra_path,
+                    extra_path=self.planner.extra_path,
                     run_check=run_check,
                     env_root=self.planner.env.root if self.planner.env is not None else None,
                     on_phase=lambda p: rep.phase(n, p),
