@@ -19,12 +19,14 @@ from __future__ import annotations
 import configparser
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,7 +36,10 @@ from types import FrameType
 
 import pytest
 
+from hadron.config import cache_root
+from hadron.engine import buildenv
 from hadron.engine.mirrors import debian_binary_sources
+from hadron.layout import CacheLayout
 
 HOST_CHECK = ["hadron", "host", "check", "--all"]
 
@@ -185,6 +190,32 @@ def remove_work(work: Path) -> None:
     left = mounts_under(work)
     assert not left, f"still mounted, {work} left in place: {left}"
     subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=True)
+
+
+def layer_members(oci_layout: Path) -> dict[str, tuple[object, ...]]:
+    """Every member of an environment image's single layer: type, mode, mtime, size, link and content digest."""
+    index = json.loads((oci_layout / "index.json").read_text())
+    blob = oci_layout / "blobs" / "sha256"
+    manifest = json.loads((blob / index["manifests"][0]["digest"].removeprefix("sha256:")).read_text())
+    layer = blob / manifest["layers"][0]["digest"].removeprefix("sha256:")
+    members: dict[str, tuple[object, ...]] = {}
+    with tarfile.open(layer, mode="r:*") as tf:
+        for m in tf:
+            f = tf.extractfile(m) if m.isreg() else None
+            content = hashlib.sha256(f.read()).hexdigest()[:12] if f is not None else ""
+            members[m.name] = (m.type, oct(m.mode), m.mtime, m.size, m.linkname, content)
+    return members
+
+
+def environment_differences(built: Path, locked: Path, limit: int = 12) -> str:
+    """How the environment a bare root built differs from the locked one this host has, file by file."""
+    a, b = layer_members(built / "oci"), layer_members(locked / "oci")
+    out = [f"only in the bare root's: {n}" for n in sorted(a.keys() - b.keys())]
+    out += [f"only in the locked one: {n}" for n in sorted(b.keys() - a.keys())]
+    out += [f"{n}: {a[n]} vs {b[n]}" for n in sorted(a.keys() & b.keys()) if a[n] != b[n]]
+    if not out:
+        return "the layers hold the same files; the image configs or manifests differ"
+    return f"{len(out)} differences: " + "; ".join(out[:limit])
 
 
 def host_ca_bundle() -> Path | None:
@@ -399,7 +430,13 @@ def test_host_setup_on_bare_debian(bare_root: Root) -> None:
         assert res.ok or doc["differences"], res.describe()  # exit 1 only names how it differs from the lock
         r.notes.append(f"build environment {doc['digest']}: "
                        + ("the one buildenv.lock names" if doc["matches_lock"] else
-                          f"differs from buildenv.lock: {'; '.join(doc['differences'][:5])}"))
+                          f"differs from buildenv.lock: {'; '.join(doc['differences'][:5]) or 'same packages'}"))
+        lock = buildenv.read_lock(REPO)
+        locked = buildenv.find(CacheLayout(cache_root(REPO, None)), lock.digest) if lock is not None else None
+        if not doc["matches_lock"] and locked is not None:
+            built = r.path / "var/tmp/bare-cache/buildenv" / doc["digest"].removeprefix("sha256:")
+            why = environment_differences(built, locked.path)
+            r.notes.append(f"against the locked environment in this host's cache: {why}")
 
     with r.phase("host-setup again"):
         res = r.inside("second host-setup", ["scripts/host-setup"], timeout=SETUP_TIMEOUT)
