@@ -31,9 +31,10 @@ from typing import Any
 from hadron import runner
 from hadron.engine import buildsys, faults
 from hadron.engine.buildenv import BuildEnv
-from hadron.engine.cache import Cache, Output, remove_tree, split_tree
+from hadron.engine.cache import Cache, Output, split_tree
 from hadron.engine.executor import (
     BuildRequest,
+    build_in_cache,
     build_record,
     check_kconfig,
     snapshot_folder,
@@ -112,22 +113,11 @@ class BuildKitExecutor:
     def build(self, req: BuildRequest) -> Output:
         worker = self._free.get()
         try:
-            with self.cache.lock(req.key):
-                hit = self.cache.get(req.key)
-                if hit is not None:
-                    return Output(hit.key, hit.path, reused=True)
-                tmp = self.cache.new_tmp(req.key)
-                log_path = self.cache.log_path(req.name)
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with log_path.open("wb") as log:
-                        record = self._run(req, worker, tmp, log, log_path)
-                    shutil.copyfile(log_path, tmp / "out" / "build.log")
-                    out = self.cache.commit(req.key, tmp / "out", record)
-                    self.used[worker.address].append(req.name)
-                    return out
-                finally:
-                    remove_tree(tmp)
+            out = build_in_cache(self.cache, req,
+                                 lambda tmp, log, log_path: self._run(req, worker, tmp, log, log_path))
+            if not out.reused:
+                self.used[worker.address].append(req.name)
+            return out
         finally:
             self._free.put(worker)
 

@@ -232,26 +232,35 @@ def snapshot_folder(req: BuildRequest, dest: Path) -> Path:
     return dest
 
 
+def build_in_cache(cache: Cache, req: BuildRequest,
+                   run: Callable[[Path, BinaryIO, Path], dict[str, Any]]) -> Output:
+    """The cache's side of one build, whichever executor runs it: under the key's lock, take what
+    another hadron process committed meanwhile, else ``run(tmp, log, log_path)`` into a fresh
+    temporary directory and commit its ``out`` with the log and the record ``run`` returns. The
+    temporary directory goes in any case: nothing half-written stays in the cache."""
+    with cache.lock(req.key):
+        hit = cache.get(req.key)
+        if hit is not None:
+            return Output(hit.key, hit.path, reused=True)
+        tmp = cache.new_tmp(req.key)
+        log_path = cache.log_path(req.name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with log_path.open("wb") as log:
+                record = run(tmp, log, log_path)
+            shutil.copyfile(log_path, tmp / "out" / "build.log")
+            return cache.commit(req.key, tmp / "out", record)
+        finally:
+            remove_tree(tmp)
+
+
 class LocalExecutor:
     def __init__(self, cache: Cache, jobserver: JobServer) -> None:
         self.cache = cache
         self.jobserver = jobserver
 
     def build(self, req: BuildRequest) -> Output:
-        with self.cache.lock(req.key):
-            hit = self.cache.get(req.key)
-            if hit is not None:  # built meanwhile by another hadron process
-                return Output(hit.key, hit.path, reused=True)
-            tmp = self.cache.new_tmp(req.key)
-            log_path = self.cache.log_path(req.name)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with log_path.open("wb") as log:
-                    record = self._run(req, tmp, log, log_path)
-                shutil.copyfile(log_path, tmp / "out" / "build.log")
-                return self.cache.commit(req.key, tmp / "out", record)
-            finally:
-                remove_tree(tmp)
+        return build_in_cache(self.cache, req, lambda tmp, log, log_path: self._run(req, tmp, log, log_path))
 
     def _run(self, req: BuildRequest, tmp: Path, log: BinaryIO, log_path: Path) -> dict[str, Any]:
         r = req.recipe.recipe
