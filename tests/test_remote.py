@@ -111,7 +111,7 @@ def _tamper(registry: str, key: str, tmp_path: Path, change: str) -> None:
     copies["runtime.tar"].write_bytes(bytes(data))
     if change == "resign":
         sig = json.loads(copies["signature.json"].read_text())
-        sig["signed"]["files"]["runtime.tar"] = remote._sha256(copies["runtime.tar"])
+        sig["signed"]["files"]["runtime.tar"] = remote.file_sha256(copies["runtime.tar"])
         copies["signature.json"].write_text(json.dumps(sig))
     if change == "unsigned":
         del copies["signature.json"]

@@ -18,7 +18,6 @@ the packages that differ (``--locked`` refuses it instead).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hadron import runner
+from hadron.engine.fetch import file_sha256
 from hadron.engine.mirrors import debian_binary_sources
 from hadron.errors import HadronError
 from hadron.host import build_env_packages, sandbox_path
@@ -224,12 +224,6 @@ def installed_packages(root: Path) -> dict[str, str]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_wheels(dest: Path, pins: dict[str, str] | None) -> dict[str, str]:

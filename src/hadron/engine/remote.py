@@ -19,7 +19,6 @@ else is refused with the reason, and the package is built locally.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from hadron import runner
 from hadron.engine.cache import MANIFEST, OUTPUTS, Cache, Output, content_digest, diff_manifest, scan_outputs
+from hadron.engine.fetch import file_sha256
 from hadron.errors import HadronError
 from hadron.image import oci
 from hadron.layout import remove_tree
@@ -118,12 +118,6 @@ def _payload(key: str, files: dict[str, str]) -> bytes:
                                separators=(",", ":")).encode()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ the remote
@@ -166,7 +160,7 @@ class RemoteCache:
                         tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT).close()
             files[MANIFEST] = output.path / MANIFEST
             files[LOG] = output.log
-            signed = {n: _sha256(p) for n, p in files.items()}
+            signed = {n: file_sha256(p) for n, p in files.items()}
             sig = {"signer": self.signing_key.name, "signed": {"key": output.key, "files": signed},
                    "signature": self.signing_key.sign(_payload(output.key, signed))}
             files[SIGNATURE] = work / SIGNATURE
@@ -237,7 +231,7 @@ class RemoteCache:
         if set(listed) != set(FILES) or set(files) != {*FILES, SIGNATURE}:
             raise Refused(f"{where}: the artifact's files {sorted(files)} are not the signed ones {sorted(listed)}")
         for name in FILES:
-            if _sha256(files[name]) != listed[name]:
+            if file_sha256(files[name]) != listed[name]:
                 raise Refused(f"{where}: {name} does not match its signed sha256")
         return signer
 
