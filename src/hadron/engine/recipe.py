@@ -74,6 +74,10 @@ class MirrorAlternative(_Strict):
         return self
 
 
+# Source fields that authenticate a file without changing it; they are not part of the build key.
+AUTHENTICATION_FIELDS = ("signature", "unsigned", "key_fingerprint")
+
+
 class Source(_Strict):
     url: Annotated[str, Field(pattern=r"^(https?|ftp)://\S+$")]
     sha256: Sha256 | None = Field(
@@ -268,7 +272,13 @@ class LoadedRecipe:
         return self.recipe.model_dump(mode="json")
 
     def digest(self) -> str:
-        blob = json.dumps(self.normalized(), sort_keys=True, separators=(",", ":"))
+        """What the build depends on: the recipe without the fields that only say how its sources
+        are authenticated (a new signature or key does not change a single output byte)."""
+        data = self.normalized()
+        for src in data.get("sources", []):
+            for name in AUTHENTICATION_FIELDS:
+                src.pop(name, None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"{blob}\0{self.files_digest}".encode()).hexdigest()
 
 
