@@ -69,6 +69,7 @@ def add_static_hello(p: Project, name: str = "hello", setuid: bool = False) -> N
     (p.packages / f"{name}.toml").write_text(
         f'name = "{name}"\nversion = "1"\nsummary = "static hello"\nlicense = "MIT"\n'
         f'homepage = "https://example.org"\n[[sources]]\nurl = "{p.url}/{name}-1.tar.gz"\nsha256 = "{digest}"\n'
+        'unsigned = "a test file: no upstream signature"\n'
         f'[build]\nsystem = "custom"\nbuild = "cc -O2 -g -static -o hello /src/hello.c"\n'
         f"install = '''\n{install}\n'''\n[depends]\ntoolchain = false\n"
     )

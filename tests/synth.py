@@ -144,7 +144,7 @@ def recipe_toml(name: str, style: str, url: str, sha256: str, deps: list[str], *
     return (
         f'name = "{name}"\nversion = "{version}"\nsummary = "synthetic {style} package"\n'
         f'license = "MIT"\nhomepage = "https://example.org/{name}"\n\n'
-        f'[[sources]]\nurl = "{url}"\nsha256 = "{sha256}"\n\n{build}\n'
+        f'[[sources]]\nurl = "{url}"\nsha256 = "{sha256}"\nunsigned = "a test file: no upstream signature"\n\n{build}\n'
         f"[depends]\nbuild = [{dep_list}]\ntoolchain = false\n{extra}"
     )
 

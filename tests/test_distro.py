@@ -69,3 +69,22 @@ def test_core_carries_the_security_user_space_and_children_keep_its_replacements
     assert IMAGES["core"].spec.replaces == {"e2fsprogs": ["busybox"]}
     # an image that extends core adds its own replacements to core's
     assert IMAGES["core-grub"].spec.replaces == {"e2fsprogs": ["busybox"], "coreutils": ["busybox"]}
+
+
+def test_pinned_signing_keys_are_in_the_repository_one_certificate_per_file(tmp_path: Path) -> None:
+    """Every fingerprint a recipe pins has ``distro/keys/<FPR>.asc`` holding exactly that certificate,
+    and every key file there is pinned by some recipe."""
+    import subprocess
+
+    keys_dir = ROOT / "distro" / "keys"
+    pinned = {k for r in RECIPES.values() for s in r.recipe.sources if s.signature for k in s.signature.keys}
+    assert pinned, "no recipe pins an upstream signing key"
+    assert all(r.keys_dir == keys_dir for r in RECIPES.values())
+    files = {p.stem for p in keys_dir.glob("*.asc")}
+    assert files == pinned, f"unpinned key files: {files - pinned}; pinned without a file: {pinned - files}"
+    for fpr in sorted(files):
+        cols = subprocess.run(["gpg", "--homedir", tmp_path, "--show-keys", "--with-colons",
+                               keys_dir / f"{fpr}.asc"], check=True, capture_output=True, text=True).stdout.splitlines()
+        primaries = [cols[i + 1].split(":")[9] for i, line in enumerate(cols) if line.startswith("pub:")]
+        assert primaries == [fpr], f"{fpr}.asc holds {primaries}"
+

@@ -30,6 +30,7 @@ def add_sleeper(p: Project, name: str) -> None:
     (p.packages / f"{name}.toml").write_text(
         f'name = "{name}"\nversion = "1"\nsummary = "s"\nlicense = "MIT"\nhomepage = "https://example.org"\n'
         f'[[sources]]\nurl = "{p.url}/{name}.tar.gz"\nsha256 = "{digest}"\n'
+        'unsigned = "a test file: no upstream signature"\n'
         f'[build]\nsystem = "make"\nmake_args = ["NAME={name}"]\n[depends]\ntoolchain = false\n'
     )
 

@@ -48,6 +48,7 @@ homepage = "https://example.org/minikernel"
 [[sources]]
 url = "{url}"
 sha256 = "{sha}"
+unsigned = "a test kernel: no upstream signature"
 
 [build]
 system = "kbuild"

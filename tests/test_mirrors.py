@@ -59,6 +59,7 @@ def test_debian_candidates_use_pool_path_and_digests() -> None:
     src = Source(
         url="https://example.org/x-1.tar.gz",
         sha256=SHA,
+        unsigned="a test source: no upstream signature",
         alternatives=[
             MirrorAlternative(provider="debian", package="libfoo", file="libfoo_1.orig.tar.gz"),
             MirrorAlternative(provider="debian", package="libfoo", file="libfoo_1+dfsg.orig.tar.xz",

@@ -19,6 +19,7 @@ homepage = "https://zlib.net/"
 
 [[sources]]
 url = "https://zlib.net/zlib-1.3.2.tar.gz"
+unsigned = "a test recipe: no upstream signature"
 [[sources.alternatives]]
 provider = "debian"
 package = "zlib"

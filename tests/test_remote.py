@@ -153,6 +153,7 @@ def test_registry_killed_mid_push_leaves_nothing_a_pull_accepts(project: Project
     (project.packages / "big.toml").write_text(
         'name = "big"\nversion = "1"\nsummary = "a large output"\nlicense = "MIT"\nhomepage = "https://example.org"\n'
         f'[[sources]]\nurl = "{project.url}/big-1.tar.gz"\nsha256 = "{digest}"\n'
+        'unsigned = "a test file: no upstream signature"\n'
         '[build]\nsystem = "custom"\nbuild = "true"\n'
         "install = 'mkdir -p \"$DESTDIR/usr/share/big\" && "
         "head -c 400000000 /dev/urandom > \"$DESTDIR/usr/share/big/blob\"'\n"

@@ -157,10 +157,11 @@ def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
         except HadronError as e:
             failures.append(str(e))
             continue
-        report[n] = [{"file": f.source.name, "sha256": f.digest, "from": f.origin, "path": str(f.path)} for f in got]
+        report[n] = [{"file": f.source.name, "sha256": f.digest, "from": f.origin, "path": str(f.path),
+                      "trust": f.trust} for f in got]
         if not as_json:
             for f in got:
-                click.echo(f"{n}: {f.source.name} ok ({f.origin})", err=True)
+                click.echo(f"{n}: {f.source.name} ok ({f.origin}; {f.trust})", err=True)
     if as_json:
         click.echo(json.dumps({"ok": not failures, "sources": report, "errors": failures}, indent=2))
     for msg in failures:

@@ -6,6 +6,8 @@ root itself, so what lives where, and which lock guards what, is decided here::
     <root>/
     ├── sources/
     │   ├── sha256/<digest>            verified source files, named by their sha256
+    │   ├── signatures/<digest>.json   upstream's signature of that file and who made it, written
+    │   │                              once the signature verified against the recipe's pinned keys
     │   └── tmp/                       downloads in progress; never read
     ├── outputs/<key>/                 finished package builds, each renamed into place whole
     ├── images/<key>/                  finished images (rootfs/, oci/, docker-archive.tar, image.json,
@@ -91,6 +93,14 @@ class CacheLayout:
 
     def source(self, digest: str) -> Path:
         return self.source_objects / _name(digest)
+
+    @property
+    def source_signatures(self) -> Path:
+        """Directory of verified upstream signatures, one record per signed source file."""
+        return self.sources / "signatures"
+
+    def source_signature(self, digest: str) -> Path:
+        return self.source_signatures / f"{_name(digest)}.json"
 
     @property
     def sources_tmp(self) -> Path:

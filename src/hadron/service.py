@@ -256,6 +256,11 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
     locked = ctx.settings.env_root == "lock" and buildenv.read_lock(ctx.settings.project) is not None
     for name in images:
         packages, _ = expand_targets(ctx, [name])
+        for n in ctx.graph.closure(packages):
+            for src in ctx.recipes[n].recipe.sources:
+                if src.signature is not None:
+                    need("fetch (upstream signatures)",
+                         ("sqv",) if src.signature.legacy is None else ("gpgv", "gpg"), n)
         if locked:
             need("build environment (buildenv.lock)", buildenv.HOST_TOOLS, name)
         else:

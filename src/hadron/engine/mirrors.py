@@ -34,6 +34,10 @@ class MirrorProvider(Protocol):
 
     def candidates(self, source: Source) -> list[Candidate]: ...
 
+    def signature_urls(self, source: Source) -> list[str]:
+        """Where this mirror keeps upstream's signature of ``source`` (it is checked, not pinned)."""
+        ...
+
 
 def pool_prefix(package: str) -> str:
     """Debian pool directory prefix: first letter, or ``lib`` + letter for lib* packages."""
@@ -159,6 +163,12 @@ class DebianProvider:
                 out.append(Candidate(url, digest, "debian" + (" repack" if alt.sha256 else "")))
         return out
 
+    def signature_urls(self, source: Source) -> list[str]:
+        # Debian keeps upstream's signature of a pristine orig tarball as <orig>.asc; a repack has none.
+        return [f"{base}/pool/main/{pool_prefix(alt.package)}/{alt.package}/{alt.file}.asc"
+                for alt in source.alternatives if alt.provider == "debian" and alt.sha256 is None
+                for base in self.base_urls]
+
 
 class TemplateProvider:
     def __init__(self, template: str) -> None:
@@ -171,6 +181,9 @@ class TemplateProvider:
             url = self.template.replace("{sha256}", digest).replace("{filename}", source.name)
             out.append(Candidate(url, digest, "mirror"))
         return out
+
+    def signature_urls(self, source: Source) -> list[str]:
+        return []
 
 
 def make_providers(specs: list[str], etc_apt: Path = Path("/etc/apt")) -> list[MirrorProvider]:

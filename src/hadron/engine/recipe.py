@@ -74,8 +74,31 @@ class MirrorAlternative(_Strict):
         return self
 
 
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9A-F]{40}$", description="OpenPGP v4 fingerprint, upper-case hex")]
+
+
+class Signature(_Strict):
+    """Upstream's detached OpenPGP signature of a source file and the keys allowed to have made it.
+
+    The keys are files in the repository (``keys/<FINGERPRINT>.asc`` next to the recipe directory,
+    see :func:`hadron.engine.signatures.key_file`), never looked up on a key server. Besides the
+    upstream URL, a byte-identical Debian alternative's ``<file>.asc`` is tried.
+    """
+
+    url: Annotated[str, Field(pattern=r"^(https?|ftp)://\S+$")]
+    keys: Annotated[list[Fingerprint], Field(min_length=1)]
+    over: Literal["file", "uncompressed"] = Field(
+        default="file", description="what was signed: the file itself, or (kernel.org's .tar.sign) the tar "
+        "inside its compression",
+    )
+    legacy: Annotated[str, Field(min_length=10)] | None = Field(
+        default=None, description="verify with GnuPG's gpgv, which accepts SHA-1 and DSA-1024, instead of "
+        "Sequoia's sqv and its current policy; says why that is needed",
+    )
+
+
 # Source fields that authenticate a file without changing it; they are not part of the build key.
-AUTHENTICATION_FIELDS = ("signature", "unsigned", "key_fingerprint")
+AUTHENTICATION_FIELDS = ("signature", "unsigned")
 
 
 class Source(_Strict):
@@ -85,12 +108,13 @@ class Source(_Strict):
         "digest exists and an alternative pins a repack",
     )
     filename: Annotated[str, Field(pattern=r"^[A-Za-z0-9+._~-]+$")] | None = None
-    signature: Annotated[str, Field(pattern=r"^(https?|ftp)://\S+$")] | None = Field(
-        default=None, description="where upstream publishes its signature of the file, for auditors; fetching "
-        "does not check signatures (the pinned sha256 is the check)",
+    signature: Signature | None = Field(
+        default=None, description="upstream's detached OpenPGP signature of the file and the keys it must be "
+        "made by; fetching verifies it before the file enters the source store",
     )
-    key_fingerprint: Annotated[str, Field(pattern=r"^[0-9A-F]{40}$")] | None = Field(
-        default=None, description="the signing key's OpenPGP fingerprint, for auditors (not checked by fetching)",
+    unsigned: Annotated[str, Field(min_length=10)] | None = Field(
+        default=None, description="why the file is trusted by its sha256 alone (upstream does not sign, or "
+        "its signature or key cannot be had); required when there is no `signature`",
     )
     extract: bool = True
     strip_components: Annotated[int, Field(ge=0, le=4)] = 1
@@ -101,8 +125,11 @@ class Source(_Strict):
     def _check(self) -> Source:
         if self.sha256 is None and not any(a.sha256 for a in self.alternatives):
             raise ValueError("`sha256` is required (or an alternative that pins a repack by its own sha256)")
-        if self.key_fingerprint and not self.signature:
-            raise ValueError("`key_fingerprint` given without `signature`")
+        if (self.signature is None) == (self.unsigned is None):
+            raise ValueError("give either `signature` (upstream's detached signature and its keys) or "
+                             "`unsigned` (why the sha256 pin alone is trusted), not both or neither")
+        if self.signature is not None and self.sha256 is None:
+            raise ValueError("a `signature` covers upstream's file, so `sha256` (its digest) is required")
         dest = PurePosixPath(self.destination)
         if dest.is_absolute() or ".." in dest.parts:
             raise ValueError("`destination` must be a relative path inside /src")
@@ -267,6 +294,12 @@ class LoadedRecipe:
     @property
     def name(self) -> str:
         return self.recipe.name
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where the keys its sources' signatures name live: ``keys/`` beside the recipe directory."""
+        recipe_dir = self.folder.parent if self.folder else self.path.parent
+        return recipe_dir.parent / "keys"
 
     def normalized(self) -> dict[str, Any]:
         return self.recipe.model_dump(mode="json")
