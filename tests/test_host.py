@@ -11,12 +11,13 @@ import pytest
 
 from hadron import host
 from hadron.boot import disk, grub, immutable, qemu, secureboot, trusted
-from hadron.engine import buildenv, buildkit, remote, sandbox
+from hadron.engine import buildenv, buildkit, remote, sandbox, signatures
 from hadron.engine.recipe import load_recipes
 from hadron.engine.scheduler import SYSTEM_TOOLS
 from hadron.engine.toolchain import load_toolchain
 from hadron.image import assembly, oci
 from hadron.lifecycle import sysext, sysext_check, update, update_check
+from hadron.trust import repro
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "hadron"
@@ -37,6 +38,8 @@ DECLARED = {
     "lifecycle/sysext_check.py": sysext_check.HOST_TOOLS,
     "lifecycle/update.py": update.HOST_TOOLS,
     "lifecycle/update_check.py": update_check.HOST_TOOLS,
+    "engine/signatures.py": signatures.HOST_TOOLS,
+    "trust/repro.py": repro.HOST_TOOLS,
 }
 
 

@@ -93,6 +93,7 @@ def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Projec
                           {"hello.c": HELLO_C.replace("hello from hadron", "other wins")})
     recipe = (mini.packages / "hello.toml").read_text().replace('name = "hello"', 'name = "other"')
     recipe = recipe.replace("hello-1.tar.gz", "other-1.tar.gz").split("sha256 = ")[0] + f'sha256 = "{digest}"\n' + \
+        'unsigned = "a test file: no upstream signature"\n' + \
         "[build]" + recipe.split("[build]")[1]
     (mini.packages / "other.toml").write_text(recipe)
     add_image(mini, "both", ["hello", "other"])

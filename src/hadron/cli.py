@@ -169,6 +169,37 @@ def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
     sys.exit(1 if failures else 0)
 
 
+@main.command("verify-repro")
+@click.argument("targets", nargs=-1)
+@_common
+@_build_options
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keep the varied rebuild's cache and the diffoscope reports in this directory.")
+@_guard
+def verify_repro(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+                 as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool,
+                 keep: Path | None) -> None:
+    """Rebuild TARGETS (default: the default image) in a second cache on a varied machine (host build path,
+    host name, user, umask, locale, time zone, CPU count) and compare every package and image with the
+    normal build; diffoscope reports each difference. Exits 1 unless everything is identical."""
+    from hadron.trust import repro
+
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    names = list(targets) or ctx.default_targets()
+    with ctx.layout.work_dir("repro") as work:
+        rep = repro.verify_repro(ctx, names, work=work, keep=keep, say=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(rep.doc(), indent=2))
+    else:
+        for c in rep.compared:
+            click.echo(f"{'identical' if c.identical else 'DIFFERS  '} {c.kind:7} {c.name}")
+            if not c.identical:
+                click.echo("    " + "\n    ".join(c.diff.splitlines()[:12]) + f"\n    report: {c.report}")
+        click.echo(f"{rep.identical}/{len(rep.compared)} identical ({rep.percent:.1f} %) in {rep.seconds:.0f} s"
+                   + (f"; kept in {rep.kept}" if rep.kept else ""), err=True)
+    sys.exit(0 if rep.identical == len(rep.compared) else 1)
+
+
 @main.command()
 @click.argument("target", required=False)
 @_common

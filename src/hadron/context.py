@@ -19,6 +19,7 @@ from hadron.engine.jobs import JobServer
 from hadron.engine.mirrors import MirrorProvider, make_providers
 from hadron.engine.recipe import LoadedRecipe, load_recipes
 from hadron.engine.remote import RemoteCache, load_signing_key, parse_trusted
+from hadron.engine.sandbox import STANDARD, Variation
 from hadron.engine.scheduler import Planner
 from hadron.engine.toolchain import Toolchain, load_toolchain
 from hadron.errors import HadronError
@@ -31,6 +32,9 @@ class Context:
     settings: Settings
     # Where notes for the user go (progress of long set-up steps, warnings); the CLI may replace it.
     say: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+    # What local build steps see of the machine (hostname, user, umask, locale, time zone); only
+    # `hadron verify-repro` changes it.
+    variation: Variation = STANDARD
 
     @cached_property
     def recipes(self) -> dict[str, LoadedRecipe]:
@@ -97,7 +101,7 @@ class Context:
     def executor(self) -> Executor:
         spec = self.settings.executor
         if spec == "local":
-            return LocalExecutor(self.cache, self.jobserver)
+            return LocalExecutor(self.cache, self.jobserver, self.variation)
         from hadron.engine.buildkit import BuildKitExecutor, parse_workers
 
         workers = parse_workers(spec)

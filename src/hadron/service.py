@@ -249,6 +249,7 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
 
     from hadron.engine import buildenv
     from hadron.engine.scheduler import recipe_host_tools
+    from hadron.trust import repro
 
     build_path = host.sandbox_path(ctx.settings.extra_path)
     # With a locked environment, build steps run inside it (made from the table's build-environment
@@ -269,6 +270,7 @@ def host_requirements(ctx: Context, images: list[str]) -> dict[str, dict[str, tu
                      [*host.BASE_HOST_TOOLS, *recipe_host_tools(ctx.recipes[n].recipe, ctx.toolchain)], n, build_path)
         need("build (sandbox)", sandbox.HOST_TOOLS, name)
         need("image assembly", [*assembly.HOST_TOOLS, *oci.HOST_TOOLS], name)
+        need("hadron verify-repro", repro.HOST_TOOLS, name)
         spec = ctx.images[name].spec
         if spec.kernel:
             need("boot (direct kernel)", qemu.DIRECT_BOOT_NEEDS, name)

@@ -97,11 +97,22 @@ def _matches(rel: str, pats: list[re.Pattern[str]]) -> bool:
     return any(p.match(rel) for p in pats)
 
 
+def canonical_mode(st_mode: int) -> int:
+    """The permission bits an output keeps: group and other write permission are cleared, except on
+    sticky directories (world-writable by design, like /var/tmp), so the umask a build ran with
+    cannot reach an output."""
+    mode = stat.S_IMODE(st_mode)
+    if stat.S_ISDIR(st_mode) and mode & stat.S_ISVTX:
+        return mode
+    return mode & ~0o022
+
+
 def split_tree(destdir: Path, out_root: Path, dev_globs: list[str], drop_globs: list[str]) -> None:
     """Move an install tree into ``out_root/runtime`` and ``out_root/dev``; dropped paths vanish.
 
     A directory goes to the output its path matches (``usr/include/`` matches ``usr/include/**``);
     directories left empty by the split are pruned, empty directories the package installed kept.
+    Permission bits are made canonical (:func:`canonical_mode`).
     """
     dev = [glob_to_regex(g) for g in dev_globs]
     drop = [glob_to_regex(g) for g in drop_globs]
@@ -119,6 +130,8 @@ def split_tree(destdir: Path, out_root: Path, dev_globs: list[str], drop_globs: 
             dst = out_root / ("dev" if _matches(rel, dev) else "runtime") / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
+            if not dst.is_symlink():
+                dst.chmod(canonical_mode(dst.stat().st_mode))
         keep = []
         for d in sorted(set(dirnames) - set(links)):
             p = base / d
@@ -130,7 +143,7 @@ def split_tree(destdir: Path, out_root: Path, dev_globs: list[str], drop_globs: 
                 installed_empty.add(rel)
             target = out_root / ("dev" if _matches(rel + "/", dev) else "runtime") / rel
             target.mkdir(parents=True, exist_ok=True)
-            target.chmod(stat.S_IMODE(p.stat().st_mode))
+            target.chmod(canonical_mode(p.stat().st_mode))
         dirnames[:] = keep
     for o in OUTPUTS:
         root = out_root / o

@@ -255,9 +255,10 @@ def build_in_cache(cache: Cache, req: BuildRequest,
 
 
 class LocalExecutor:
-    def __init__(self, cache: Cache, jobserver: JobServer) -> None:
+    def __init__(self, cache: Cache, jobserver: JobServer, variation: sandbox.Variation = sandbox.STANDARD) -> None:
         self.cache = cache
         self.jobserver = jobserver
+        self.variation = variation  # what the steps see of the machine; never part of a key
 
     def build(self, req: BuildRequest) -> Output:
         return build_in_cache(self.cache, req, lambda tmp, log, log_path: self._run(req, tmp, log, log_path))
@@ -348,7 +349,7 @@ class LocalExecutor:
         t0 = time.monotonic()
         try:
             rc = sandbox.run(sandbox.Step(["/bin/sh", "-c", script], mounts, step_env, cwd=cwd, pass_fds=fds,
-                                          root=req.env_root, tmpfs=tmpfs), log)
+                                          root=req.env_root, tmpfs=tmpfs, variation=self.variation), log)
         finally:
             self.jobserver.release(extra)
         timings[name] = round(time.monotonic() - t0, 3)

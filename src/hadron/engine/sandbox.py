@@ -37,6 +37,25 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Variation:
+    """What a build step sees of the machine that runs it, beyond its inputs: the standard values
+    every build uses, or varied ones with which ``hadron verify-repro`` rebuilds to show an output
+    does not depend on them. None of it is part of a cache key."""
+
+    hostname: str = HOSTNAME
+    uid: int = 0  # user and group inside the user namespace
+    umask: int = 0o022
+    env: Mapping[str, str] = field(default_factory=dict)  # overrides, e.g. TZ, LC_ALL, LANG
+
+    def describe(self) -> dict[str, str]:
+        return {"hostname": self.hostname, "uid": str(self.uid), "umask": f"{self.umask:04o}",
+                **dict(sorted(self.env.items()))}
+
+
+STANDARD = Variation()
+
+
+@dataclass(frozen=True)
 class Step:
     """One command to run in a sandbox."""
 
@@ -50,6 +69,7 @@ class Step:
     root: Path | None = None
     # Directories that get an empty tmpfs (mount points for per-file mounts below them).
     tmpfs: Sequence[str] = ()
+    variation: Variation = STANDARD
 
 
 def base_env(source_date_epoch: int, home: str = "/build/.home") -> dict[str, str]:
@@ -101,13 +121,13 @@ def bwrap_argv(step: Step) -> list[str]:
         "--unshare-uts",
         "--unshare-cgroup-try",
         "--hostname",
-        HOSTNAME,
+        step.variation.hostname,
         "--die-with-parent",
         "--new-session",
         "--uid",
-        "0",
+        str(step.variation.uid),
         "--gid",
-        "0",
+        str(step.variation.uid),
         *(["--ro-bind", str(step.root), "/"] if step.root is not None else _root_args()),
         "--proc",
         "/proc",
@@ -127,7 +147,7 @@ def bwrap_argv(step: Step) -> list[str]:
     for m in step.mounts:
         args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
     args += ["--remount-ro", "/", "--chdir", step.cwd, "--clearenv"]
-    for k, v in sorted(step.env.items()):
+    for k, v in sorted({**step.env, **step.variation.env}.items()):
         args += ["--setenv", k, v]
     return [*args, "--", *step.argv]
 
@@ -141,7 +161,7 @@ def run(step: Step, log: BinaryIO | int | None = None) -> int:
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
         pass_fds=tuple(step.pass_fds),
-        umask=0o022,
+        umask=step.variation.umask,
         env={"PATH": SANDBOX_PATH},
         start_new_session=False,
     )

@@ -1,0 +1,1 @@
+"""What a user can check about a build: reproducibility under variation."""
