@@ -442,7 +442,7 @@ def _boot_grub(ctx: Context, built: BuiltImage, firmware: str, *, check: bool, t
 
     with ctx.layout.work_dir("grub-boot") as work:
         g = grub.build_grub_disk(built, work / "disk.raw", check=check, cmdline_extra=append,
-                                 log=ctx.layout.log(f"{built.name}-grub-disk"))
+                                 log=ctx.layout.log(f"{built.name}-grub-disk"), epoch=ctx.settings.source_date_epoch)
         if not check:
             sys.exit(qemu.interactive_disk(g.path, firmware))
         res = qemu.boot_disk(g.path, firmware, timeout=timeout, echo=not as_json)
@@ -702,7 +702,7 @@ def image_disk(name: str | None, recipes: tuple[Path, ...], toolchain: str | Non
     if boot_path == "grub":
         built = service.build_one_image(ctx, name, quiet=as_json)
         out = output or ctx.settings.project / "out" / f"{built.name}-grub.raw"
-        g = grub.build_grub_disk(built, out)
+        g = grub.build_grub_disk(built, out, epoch=ctx.settings.source_date_epoch)
         gdoc = {"disk": str(out), "bytes": g.size, "initramfs_bytes": g.initramfs_size,
                 "root_fs_uuid": g.root_fs_uuid, "log": str(out.with_suffix(".log"))}
         click.echo(json.dumps(gdoc, indent=2) if as_json else

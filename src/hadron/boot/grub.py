@@ -200,7 +200,7 @@ def embed_bios_grub(disk_path: Path, boot_img: bytes, core_img: bytes, part_lba:
 
 
 def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_extra: str = "",
-                    log: Path | None = None) -> GrubDisk:
+                    log: Path | None = None, epoch: int = 0) -> GrubDisk:
     """The standard-path disk image; ``check`` adds the boot-check unit (qemu.CHECK_UNIT)."""
     _, release = check_grub_image(img)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -219,9 +219,10 @@ def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_
         images = make_grub_images(tree, fs_uuid, work, log)
         install_grub_tree(tree, grub_cfg(f"Hadron {img.name} {version}", release, fs_uuid, cmdline_extra))
         esp = work / "esp.img"
-        disk.make_esp(esp, {"EFI/BOOT/BOOTX64.EFI": images["x86_64-efi"]}, size_mib=ESP_MIB)
+        disk.make_esp(esp, {"EFI/BOOT/BOOTX64.EFI": images["x86_64-efi"]}, size_mib=ESP_MIB, epoch=epoch)
         rootimg = work / "root.img"
-        root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=fs_uuid)
+        root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=fs_uuid, tools=img.rootfs,
+                                     epoch=epoch)
         disk_path = work / "disk.img"
         disk.make_gpt_disk(disk_path, [
             disk.Partition("bios-boot", disk.BIOS_BOOT_TYPE, disk.stable_uuid(img.key, "bios-boot"), BIOS_BOOT_MIB),

@@ -132,15 +132,16 @@ def roothash_of(parts: list[repart.RepartPartition], image: str) -> str:
     return hashes.pop()
 
 
-def make_esp(img: BuiltImage, keys: secureboot.KeySet, work: Path, efi: Path, uki_name: str, size_mib: int) -> Path:
+def make_esp(img: BuiltImage, keys: secureboot.KeySet, work: Path, efi: Path, uki_name: str, size_mib: int,
+             epoch: int = 0) -> Path:
     bf = trusted.find_boot_files(img)
     sdboot = work / "systemd-bootx64.efi"
-    secureboot.sign_efi(keys, bf.systemd_boot, sdboot)
+    secureboot.sign_efi(keys, bf.systemd_boot, sdboot, epoch=epoch)
     loader = work / "loader.conf"
     loader.write_text(LOADER_CONF)
     esp = work / "esp.img"
     disk.make_esp(esp, {"EFI/BOOT/BOOTX64.EFI": sdboot, "EFI/systemd/systemd-bootx64.efi": sdboot,
-                        "loader/loader.conf": loader, uki_name: efi}, size_mib=size_mib)
+                        "loader/loader.conf": loader, uki_name: efi}, size_mib=size_mib, epoch=epoch)
     return esp
 
 
@@ -212,7 +213,7 @@ def build_immutable_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *,
         if keep_uki is not None:
             shutil.copyfile(efi, keep_uki)
         name = uki_file_name(image_id, ver)
-        esp = make_esp(img, keys, work, efi, name, _esp_size(img))
+        esp = make_esp(img, keys, work, efi, name, _esp_size(img), epoch)
         parts = [p for p in parts if p.role != "esp"] + [p for p in add_esp(img, work, raw, esp, log=log, seed=seed)
                                                         if p.role == "esp"]
         os.replace(raw, out)

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ Files:
 
 
 # Host programs this module runs (rows of hadron.host's table).
-HOST_TOOLS = ("sbsign", "sbverify", "cert-to-efi-sig-list", "sign-efi-sig-list")
+HOST_TOOLS = ("sbsign", "sbverify", "cert-to-efi-sig-list", "sign-efi-sig-list", "faketime")
 
 @dataclass(frozen=True)
 class SigningKey:
@@ -304,12 +305,12 @@ def load_keys(directory: Path) -> KeySet:
     return KeySet(directory, owner, keys["PK"], keys["KEK"], keys["db"], pcr_private, pcr_public)
 
 
-def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str) -> None:
+def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str, env: dict[str, str] | None = None) -> None:
     """Run a tool that writes its output to the path it is given; ``dst`` appears only complete."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        runner.run(argv(tmp), what=what, timeout=300)
+        runner.run(argv(tmp), what=what, timeout=300, env=env)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
@@ -317,12 +318,18 @@ def _run_to_file(argv: Callable[[str], list[str]], dst: Path, what: str) -> None
             os.unlink(tmp)
 
 
-def sign_efi(keys: KeySet, src: Path, dst: Path) -> None:
-    """Sign the EFI binary ``src`` with the db key (sbsign) and write it to ``dst`` atomically."""
+def sign_efi(keys: KeySet, src: Path, dst: Path, *, epoch: int = 0) -> None:
+    """Sign the EFI binary ``src`` with the db key (sbsign) and write it to ``dst`` atomically.
+
+    sbsign puts the time of signing into the PKCS#7 signature (signingTime), the one byte-level
+    difference between two signatures of the same binary with the same key; it runs under
+    libfaketime with the clock stopped at ``epoch``, so the signed binary is reproducible. UEFI
+    does not read signingTime."""
     if not src.is_file():
         raise HadronError(f"EFI binary {src} does not exist", hint="check the path")
-    _run_to_file(lambda tmp: ["sbsign", "--key", str(keys.db.key), "--cert", str(keys.db.crt),
-                              "--output", tmp, str(src)], dst, f"signing {src}")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+    _run_to_file(lambda tmp: ["faketime", "-f", stamp, "sbsign", "--key", str(keys.db.key), "--cert", str(keys.db.crt),
+                              "--output", tmp, str(src)], dst, f"signing {src}", env={"TZ": "UTC"})
 
 
 def verify_efi(keys: KeySet, path: Path) -> None:

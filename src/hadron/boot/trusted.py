@@ -156,7 +156,7 @@ def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmd
             sbat=None, pcr_private_key=keys.pcr_private_key, pcr_public_key=keys.pcr_public_key,
             pcr_phases=pcr_phases or SIGNED_PHASES,
         )
-        secureboot.sign_efi(keys, unsigned, out)
+        secureboot.sign_efi(keys, unsigned, out, epoch=epoch)
     return info
 
 
@@ -176,7 +176,7 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
         efi = work / "uki.efi"
         info = build_signed_uki(img, keys, efi, cmdline_extra=cmdline_extra, pcr_phases=pcr_phases, epoch=epoch)
         sdboot = work / "systemd-bootx64.efi"
-        secureboot.sign_efi(keys, bf.systemd_boot, sdboot)
+        secureboot.sign_efi(keys, bf.systemd_boot, sdboot, epoch=epoch)
         loader = work / "loader.conf"
         loader.write_text("timeout 0\nconsole-mode keep\neditor no\n")
         esp = work / "esp.img"
@@ -185,7 +185,7 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
             "EFI/systemd/systemd-bootx64.efi": sdboot,
             "loader/loader.conf": loader,
             f"EFI/Linux/{img.name}-{version}.efi": efi,
-        }, size_mib=ESP_MIB)
+        }, size_mib=ESP_MIB, epoch=epoch)
         tree = img.rootfs
         if check:
             tree = work / "root"
@@ -195,7 +195,8 @@ def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, c
                 (tree / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tree / rel).write_bytes(data)
         rootimg = work / "root.img"
-        root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=disk.stable_uuid(img.key, "root-fs"))
+        root_mib = disk.make_root_fs(tree, rootimg, label="hadron-root", fs_uuid=disk.stable_uuid(img.key, "root-fs"),
+                                     tools=img.rootfs, epoch=epoch)
         if check:
             shutil.rmtree(tree)
         puuid = root_partuuid(img)

@@ -127,10 +127,12 @@ def _same(a: Path, b: Path) -> bool:
     return sa.st_size == sb.st_size and a.read_bytes() == b.read_bytes()
 
 
-def step_environment(req: BuildRequest) -> dict[str, str]:
-    """The environment every step of ``req`` runs with (both executors)."""
+def step_environment(req: BuildRequest, variation: sandbox.Variation = sandbox.STANDARD) -> dict[str, str]:
+    """The environment every step of ``req`` runs with (both executors). A variation changes what
+    the machine would set (time zone, locale); the toolchain profile and the recipe still decide."""
     r = req.recipe.recipe
     env = sandbox.base_env(req.source_date_epoch)
+    env.update(variation.env)
     env["PATH"] = ":".join([*req.toolchain.path, *req.extra_path, env["PATH"]])
     env.update(
         DESTDIR="/destdir",
@@ -281,7 +283,7 @@ class LocalExecutor:
         stage_sysroot(req.inputs, dirs["sysroot"])
         timings["stage"] = round(time.monotonic() - t0, 3)
 
-        env = step_environment(req)
+        env = step_environment(req, self.variation)
 
         # Unpack: sources read-only at /sources, /src writable for this one step.
         if req.sources:

@@ -45,7 +45,7 @@ class Variation:
     hostname: str = HOSTNAME
     uid: int = 0  # user and group inside the user namespace
     umask: int = 0o022
-    env: Mapping[str, str] = field(default_factory=dict)  # overrides, e.g. TZ, LC_ALL, LANG
+    env: Mapping[str, str] = field(default_factory=dict)  # the machine's TZ, LC_ALL, LANG (recipes may set their own)
 
     def describe(self) -> dict[str, str]:
         return {"hostname": self.hostname, "uid": str(self.uid), "umask": f"{self.umask:04o}",
@@ -147,7 +147,7 @@ def bwrap_argv(step: Step) -> list[str]:
     for m in step.mounts:
         args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
     args += ["--remount-ro", "/", "--chdir", step.cwd, "--clearenv"]
-    for k, v in sorted({**step.env, **step.variation.env}.items()):
+    for k, v in sorted(step.env.items()):
         args += ["--setenv", k, v]
     return [*args, "--", *step.argv]
 
