@@ -67,3 +67,54 @@ def test_too_small_esp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(HadronError, match="too small"):
         disk.make_esp(tmp_path / "esp.img", {"EFI/Linux/big.efi": big}, size_mib=40)
     assert not (tmp_path / "esp.img").exists()
+
+
+def test_esp_and_initrd_are_byte_reproducible(tmp_path: Path) -> None:
+    """The same files give the same ESP and initrd bytes, whenever and in whatever order they are made."""
+    import os
+    import time
+
+    from hadron.boot import initrd
+
+    def files(root: Path, order: list[str]) -> dict[str, Path]:
+        out = {}
+        for name in order:
+            p = root / name.replace("/", "_")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(name.encode() * 100)
+            os.utime(p, (time.time() - len(out) * 1000,) * 2)  # different times on the host
+            out[name] = p
+        return out
+
+    names = ["EFI/BOOT/BOOTX64.EFI", "loader/loader.conf", "EFI/Linux/a.efi", "EFI/systemd/sd.efi"]
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    disk.make_esp(a, files(tmp_path / "1", names), size_mib=40, epoch=1735689600)
+    time.sleep(1.1)
+    disk.make_esp(b, files(tmp_path / "2", list(reversed(names))), size_mib=40, epoch=1735689600)
+    assert a.read_bytes() == b.read_bytes()
+    listing = subprocess.run(["mdir", "-/", "-i", a, "::/"], capture_output=True, text=True,
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True).stdout
+    assert "2025-01-01" in listing and str(time.gmtime().tm_year) not in listing.replace("2025", "")
+
+    trees = []
+    for n in ("t1", "t2"):
+        t = tmp_path / n
+        (t / "usr/bin").mkdir(parents=True)
+        (t / "usr/bin/init").write_bytes(b"\x7fELF" + bytes(100))
+        (t / "etc").mkdir()
+        (t / "etc/initrd-release").write_text("ID=hadron\n")
+        (t / "init").symlink_to("usr/bin/init")
+        trees.append(t)
+        time.sleep(1.1)
+    c, d = tmp_path / "c.zst", tmp_path / "d.zst"
+    initrd.pack(trees[0], c, epoch=1735689600)
+    initrd.pack(trees[1], d, epoch=1735689600)
+    assert c.read_bytes() == d.read_bytes()
+    # An archive another tool wrote with the time of the run comes out the same once repacked.
+    e = tmp_path / "e.zst"
+    raw = subprocess.run("find . | cpio --quiet -o -H newc", shell=True, cwd=trees[1], check=True,
+                         capture_output=True).stdout
+    e.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=raw, check=True, capture_output=True).stdout)
+    assert e.read_bytes() != c.read_bytes()
+    initrd.repack(e, epoch=1735689600)
+    assert e.read_bytes() == c.read_bytes()

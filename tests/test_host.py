@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hadron import host
-from hadron.boot import disk, grub, immutable, qemu, secureboot, trusted
+from hadron.boot import disk, grub, immutable, initrd, qemu, secureboot, trusted
 from hadron.engine import buildenv, buildkit, remote, sandbox, signatures
 from hadron.engine.recipe import load_recipes
 from hadron.engine.scheduler import SYSTEM_TOOLS
@@ -29,6 +29,7 @@ DECLARED = {
     "boot/qemu.py": (*qemu.HOST_TOOLS, "swtpm"),
     "boot/secureboot.py": secureboot.HOST_TOOLS,
     "boot/trusted.py": trusted.HOST_TOOLS,
+    "boot/initrd.py": initrd.HOST_TOOLS,
     "engine/sandbox.py": sandbox.HOST_TOOLS,
     "engine/buildenv.py": buildenv.HOST_TOOLS,
     "engine/remote.py": remote.HOST_TOOLS,

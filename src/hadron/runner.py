@@ -40,12 +40,14 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     stdout: IO[bytes] | None = None,
+    stdin: IO[bytes] | None = None,
     timeout: float | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run host program ``argv[0]`` (a name from the host table) with the rest as arguments.
 
-    Output is captured as text, unless ``stdout`` is a binary file to write it to. ``env`` is added
+    Output is captured as text, unless ``stdout`` is a binary file to write it to; ``stdin`` is a
+    binary file to read from (else ``input``, text, or nothing). ``env`` is added
     to this process's environment. Raises HadronError when the program is missing, cannot be
     started, times out or (unless ``check`` is false) exits non-zero."""
     args = [tool(str(argv[0])), *map(str, argv[1:])]
@@ -56,6 +58,9 @@ def run(
             raw = subprocess.run(args, input=input.encode() if input is not None else None, stdout=stdout,
                                  stderr=subprocess.PIPE, env=full_env, cwd=cwd, timeout=timeout)
             res = subprocess.CompletedProcess(args, raw.returncode, "", raw.stderr.decode(errors="replace"))
+        elif stdin is not None:
+            res = subprocess.run(args, stdin=stdin, capture_output=True, text=True, env=full_env, cwd=cwd,
+                                 timeout=timeout)
         else:
             res = subprocess.run(args, input=input, capture_output=True, text=True, env=full_env, cwd=cwd,
                                  timeout=timeout)

@@ -22,14 +22,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron.boot import disk, qemu
+from hadron.boot import disk, initrd, qemu
 from hadron.engine import sandbox
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage, find_kernel
 
 # Host programs and firmware this path needs (rows of hadron.host's table): dracut and GRUB's tools
 # run from the image in the sandbox; the disk steps; QEMU with SeaBIOS and OVMF.
-HOST_NEEDS = (*sandbox.HOST_TOOLS, *disk.HOST_TOOLS, *qemu.HOST_TOOLS, *qemu.FIRMWARE_FILES["bios"],
+HOST_NEEDS = (*sandbox.HOST_TOOLS, *disk.HOST_TOOLS, *initrd.HOST_TOOLS, *qemu.HOST_TOOLS, *qemu.FIRMWARE_FILES["bios"],
               *qemu.FIRMWARE_FILES["uefi"])
 ESP_MIB = 64
 BIOS_BOOT_MIB = 1
@@ -91,17 +91,19 @@ def run_in_image(root: Path, argv: list[str], out: Path, log: Path, what: str,
 
 
 # musl has no ld.so.cache, so no ldconfig. SOURCE_DATE_EPOCH would make dracut clamp file times
-# with `find -newermt`, which busybox's find lacks; the initramfs is not byte-reproducible anyway
-# (busybox's cpio has no --reproducible).
+# with `find -newermt`, which busybox's find lacks, and busybox's cpio has no --reproducible: dracut
+# decides what the initramfs holds, and the archive is then repacked reproducibly (initrd.repack).
 DRACUT_ENV: dict[str, str | None] = {"DRACUT_LDCONFIG": "true", "SOURCE_DATE_EPOCH": None}
 
 
-def make_initramfs(root: Path, release: str, out: Path, log: Path) -> Path:
-    """dracut from the image, for the image's kernel, configured by the image's /etc/dracut.conf.d."""
+def make_initramfs(root: Path, release: str, out: Path, log: Path, *, epoch: int = 0) -> Path:
+    """dracut from the image, for the image's kernel, configured by the image's /etc/dracut.conf.d;
+    the archive repacked with times set to ``epoch``."""
     target = out / f"initramfs-{release}.img"
     run_in_image(root, ["dracut", "--force", "--kver", release,
                         "--kmoddir", f"/usr/lib/modules/{release}", "--tmpdir", "/tmp", f"/tmp/out/{target.name}"],
                  out, log, "dracut", DRACUT_ENV)
+    initrd.repack(target, epoch=epoch)
     return target
 
 
@@ -214,7 +216,7 @@ def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_
         qemu.copy_tree(img.rootfs, tree)
         if check:
             qemu.add_check_unit(tree)
-        initramfs = make_initramfs(tree, release, work, log)
+        initramfs = make_initramfs(tree, release, work, log, epoch=epoch)
         shutil.move(initramfs, tree / "boot" / initramfs.name)
         images = make_grub_images(tree, fs_uuid, work, log)
         install_grub_tree(tree, grub_cfg(f"Hadron {img.name} {version}", release, fs_uuid, cmdline_extra))

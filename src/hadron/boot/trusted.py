@@ -8,15 +8,13 @@ file system, write the GPT disk. Every input is checked before anything is writt
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hadron import runner
-from hadron.boot import disk, measure, qemu, secureboot, uki, unseal
+from hadron.boot import disk, initrd, measure, qemu, secureboot, uki, unseal
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage, find_kernel
 
@@ -26,7 +24,7 @@ OS_RELEASE = "usr/lib/os-release"
 ESP_MIB = 64
 # Host programs and firmware this path needs (rows of hadron.host's table): the initrd archive, the
 # signatures, the disk steps; QEMU with OVMF's Secure Boot build and swtpm.
-HOST_TOOLS = ("cpio", "zstd")
+HOST_TOOLS = initrd.HOST_TOOLS
 HOST_NEEDS = (*HOST_TOOLS, *secureboot.HOST_TOOLS, *disk.HOST_TOOLS, *qemu.HOST_TOOLS,
               *qemu.FIRMWARE_FILES["secure-boot"])
 # The root file system's partition name and label; systemd's discoverable-partitions type for x86-64.
@@ -87,7 +85,7 @@ INITRD_EXCLUDE = ("boot", "usr/lib/systemd/boot", "etc/fstab", "etc/crypttab", "
 def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0, rootfs: Path | None = None) -> int:
     """A systemd initrd made from the image itself (the approach mkosi takes, not dracut's): the rootfs
     without /boot, plus /etc/initrd-release (which makes systemd run initrd.target, mount root= at
-    /sysroot and switch root) and /init. newc cpio with uid/gid 0 and clamped mtimes, zstd-compressed.
+    /sysroot and switch root) and /init, packed reproducibly (:func:`hadron.boot.initrd.pack`).
     Returns the size in bytes. ``rootfs`` is a tree made from the image to use instead of its rootfs."""
     src = rootfs or img.rootfs
     with tempfile.TemporaryDirectory(prefix="hadron-initrd-", dir=out.parent) as td:
@@ -101,19 +99,7 @@ def build_initrd(img: BuiltImage, out: Path, *, epoch: int = 0, rootfs: Path | N
         osrel = (src / OS_RELEASE).read_text()
         (tree / "etc/initrd-release").write_text(osrel.rstrip("\n") + '\nVARIANT="initrd"\nVARIANT_ID=initrd\n')
         (tree / "init").symlink_to("usr/lib/systemd/systemd")
-        names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
-        for p in [tree, *tree.rglob("*")]:
-            os.utime(p, (epoch, epoch), follow_symlinks=False)
-        raw = Path(td) / "initrd.cpio"
-        with open(raw, "wb") as f:
-            runner.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"], cwd=tree,
-                       input="\n".join(names), stdout=f, what="archiving the initrd")
-        tmp = out.with_name(out.name + ".part")
-        try:
-            runner.run(["zstd", "-q", "-f", "-19", "-T0", raw, "-o", tmp], what="compressing the initrd")
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        initrd.pack(tree, out, epoch=epoch)
     return out.stat().st_size
 
 
