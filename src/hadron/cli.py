@@ -662,9 +662,9 @@ def verify(target: str, key: Path | None, keyring: Path | None, keys_dir: Path |
            tls_verify: bool, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
            as_json: bool) -> None:
     """Check an image: TARGET is a registry reference (HOST/PATH:TAG), an OCI layout or image directory,
-    or an image name (the one `hadron build NAME` last made, out/NAME). The provenance must be signed by the key, be about
-    this image's manifest and name the SBOM, which must list exactly the image's files; a registry
-    image's manifest signature must satisfy a skopeo policy that requires it."""
+    or an image name (the one `hadron build NAME` last made, out/NAME). The provenance must be signed
+    by the key, be about this image's manifest and name the SBOM, which must list exactly the image's
+    files; a registry image's manifest signature must satisfy a skopeo policy that requires it."""
     from hadron.image import oci
     from hadron.trust import keys as trust_keys
     from hadron.trust import verify as trust_verify

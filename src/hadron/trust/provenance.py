@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError

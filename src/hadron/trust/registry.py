@@ -105,7 +105,8 @@ def push(layout: Path, tag: str, ref: str, work: Path, image_keys: keys.ImageKey
     runner.run(["skopeo", "--policy", str(policy), "copy", "--quiet", "--all",
                 _tls("--dest-tls-verify", tls_verify), f"oci:{refs}:{rtag}", f"docker://{r.repository}:{rtag}"],
                what="skopeo copy (SBOM, provenance and signature of the image)")
-    runner.run(["skopeo", "--policy", str(policy), "copy", "--quiet", "--preserve-digests", _tls("--dest-tls-verify", tls_verify),
+    runner.run(["skopeo", "--policy", str(policy), "copy", "--quiet", "--preserve-digests",
+                _tls("--dest-tls-verify", tls_verify),
                 f"oci:{layout}:{tag}", f"docker://{r}"], what="skopeo copy (the image)")
     return out
 
