@@ -98,9 +98,9 @@ def test_sbom_is_valid_spdx_with_components_sources_and_every_file(signed: Proje
 def test_sbom_of_the_distro_packages_validates(tmp_path: Path) -> None:
     """Every recipe of the distro as a component (their real URLs and licence expressions)."""
     recipes = load_recipes([ROOT / "distro" / "packages"])
-    comps = [sbom.Component(name=n, version=lr.recipe.version, license=lr.recipe.license, homepage=lr.recipe.homepage,
-                            output="0" * 64, sources=tuple(sbom.Source(s.url, s.sha256) for s in lr.recipe.sources if s.sha256))
-             for n, lr in sorted(recipes.items())]
+    comps = [sbom.Component(name=n, version=r.version, license=r.license, homepage=r.homepage, output="0" * 64,
+                            sources=tuple(sbom.Source(s.url, s.sha256) for s in r.sources if s.sha256))
+             for n, r in sorted((n, lr.recipe) for n, lr in recipes.items())]
     files = [sbom.FileEntry("usr/bin/x", "1" * 40, "2" * 64)]
     doc = sbom.document(image="core", version="0.1", manifest_digest="sha256:" + "3" * 64, epoch=1735689600,
                         files=files, owners={"usr/bin/x": comps[0].name}, components=comps[1:], build_inputs=[])
