@@ -304,3 +304,17 @@ def test_key_generation_refuses_to_replace_keys(key_dirs: dict[str, keys.ImageKe
     assert len(ks.fingerprint) == 40 and ks.keyring.stat().st_size > 0
     with pytest.raises(HadronError, match="already holds image signing keys"):
         keys.generate(ks.directory)
+
+
+def test_a_provenance_key_added_later_signs_the_next_build(mini: Project, key_dirs: dict[str, keys.ImageKeys],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HADRON_KEYS", raising=False)
+    unsigned = _build(mini)
+    assert json.loads((unsigned / "image.json").read_text())["trust"]["provenance_signed_by"] is None
+    project_keys = mini.root / "keys"
+    project_keys.mkdir()
+    for f in (keys.PROVENANCE_KEY, keys.PROVENANCE_PUB):
+        shutil.copy2(key_dirs["builder"].directory / f, project_keys / f)
+    signed = _build(mini)  # not answered by the no-op memo: the key is one of the build's inputs
+    assert signed != unsigned
+    assert _verify(mini, "mini", project_keys).returncode == 0
