@@ -104,17 +104,30 @@ def gpg_home(home: Path) -> Iterator[dict[str, str]]:
 
 
 def generate(directory: Path, *, force: bool = False) -> ImageKeys:
-    """Make the image signing keys in ``directory`` (which may hold other keys already)."""
+    """Make the image signing keys in ``directory`` (which may hold other keys already). They are made
+    in a staging directory inside it and moved into place at the end: a failure leaves no half key set."""
     ks = ImageKeys(directory)
     if (ks.has_provenance_key() or ks.gnupg.exists()) and not force:
         raise HadronError(f"{directory} already holds image signing keys",
                           hint="keep them, or pass --force to replace them (images signed before stay "
                                "checkable only with the old public keys)")
     directory.mkdir(parents=True, exist_ok=True)
-    for p in (ks.provenance_key, ks.provenance_pub, ks.keyring, directory / IMAGE_FINGERPRINT):
-        p.unlink(missing_ok=True)
-    if ks.gnupg.exists():
-        shutil.rmtree(ks.gnupg)
+    staging = directory / f".image-signing.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    try:
+        _generate_in(ImageKeys(staging))
+        for name in (GNUPG_HOME, PROVENANCE_KEY, PROVENANCE_PUB, IMAGE_KEYRING, IMAGE_FINGERPRINT):
+            old = directory / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            os.replace(staging / name, old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ks
+
+
+def _generate_in(ks: ImageKeys) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     fd = os.open(ks.provenance_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -130,5 +143,4 @@ def generate(directory: Path, *, force: bool = False) -> ImageKeys:
         listing = runner.run([*gpg, "--with-colons", "--list-secret-keys"], what="listing the OpenPGP key").stdout
         fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
         runner.run([*gpg, "--output", str(ks.keyring), "--export", fpr], what="exporting the OpenPGP public key")
-    (directory / IMAGE_FINGERPRINT).write_text(fpr + "\n")
-    return ks
+    (ks.directory / IMAGE_FINGERPRINT).write_text(fpr + "\n")
