@@ -116,7 +116,8 @@ def build_image(ctx: Context, name: str, outputs: dict[str, Output], *, quiet: b
     built = published_image(ctx, name, key)
     if built is None:
         with ctx.cache.image_lock(key):
-            built = published_image(ctx, name, key) or assemble_image(ctx, name, key, mine, outputs, quiet=quiet)
+            built = published_image(ctx, name, key) or assemble_image(ctx, name, key, mine, everything=outputs,
+                                                                                quiet=quiet)
     _link(ctx.settings.project / "out" / name, built.path)
     return built
 
@@ -129,11 +130,13 @@ def published_image(ctx: Context, name: str, key: str) -> BuiltImage | None:
     return BuiltImage(name, key, path, json.loads((path / IMAGE_RECORD).read_text()), True)
 
 
-def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], everything: dict[str, Output], *,
-                   quiet: bool = False) -> BuiltImage:
+def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *,
+                   everything: dict[str, Output] | None = None, quiet: bool = False) -> BuiltImage:
     """Assemble image ``name`` (key ``key``) from ``mine`` in a private directory and publish it.
     Call with the image key's lock held. If the key is published already (by a process that did
-    not take the lock), this assembly is discarded and the published image returned."""
+    not take the lock), this assembly is discarded and the published image returned. ``everything``:
+    the outputs the image's packages were built with (default ``mine``), for the SBOM and provenance."""
+    everything = everything if everything is not None else mine
     image = ctx.images[name]
     t0 = time.monotonic()
 
