@@ -116,8 +116,8 @@ def build_image(ctx: Context, name: str, outputs: dict[str, Output], *, quiet: b
     built = published_image(ctx, name, key)
     if built is None:
         with ctx.cache.image_lock(key):
-            built = published_image(ctx, name, key) or assemble_image(ctx, name, key, mine, everything=outputs,
-                                                                                quiet=quiet)
+            built = published_image(ctx, name, key) or assemble_image(
+                ctx, name, key, mine, everything=outputs, quiet=quiet)
     _link(ctx.settings.project / "out" / name, built.path)
     return built
 
