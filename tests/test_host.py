@@ -17,7 +17,7 @@ from hadron.engine.scheduler import SYSTEM_TOOLS
 from hadron.engine.toolchain import load_toolchain
 from hadron.image import assembly, oci
 from hadron.lifecycle import sysext, sysext_check, update, update_check
-from hadron.trust import repro
+from hadron.trust import keys, registry, repro
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "hadron"
@@ -33,6 +33,8 @@ DECLARED = {
     "engine/sandbox.py": sandbox.HOST_TOOLS,
     "engine/buildenv.py": buildenv.HOST_TOOLS,
     "engine/remote.py": remote.HOST_TOOLS,
+    "trust/keys.py": keys.HOST_TOOLS,
+    "trust/registry.py": registry.HOST_TOOLS,
     "engine/buildkit.py": buildkit.HOST_TOOLS,
     "boot/immutable.py": immutable.HOST_TOOLS,
     "lifecycle/sysext.py": sysext.HOST_TOOLS,

@@ -134,7 +134,7 @@ def test_image_is_cached(mini: Project) -> None:
 def test_push_to_registry_and_read_back(mini: Project, registry: str) -> None:
     info = build_image(mini, "mini")
     ref = f"{registry}/hadron/mini:0.1"
-    res = mini.hadron("push", ref, "--image", "mini", "--no-tls-verify", "--json", check=True)
+    res = mini.hadron("push", ref, "--image", "mini", "--no-tls-verify", "--unsigned", "--json", check=True)
     assert json.loads(res.stdout)["pushed"] == ref
     res = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
                          capture_output=True, text=True, check=True)

@@ -516,21 +516,42 @@ def _boot_immutable(ctx: Context, built: BuiltImage, keys_dir: Path | None, *, c
 @click.argument("ref")
 @click.option("--image", "image", default=None, help="Image to push (default: the default image).")
 @click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--unsigned", is_flag=True, help="Push without signing the manifest (verify reports it unsigned).")
+@click.option("--signatures", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Also write the manifest signature here, in the lookaside layout skopeo and podman read.")
 @_common
 @_build_options
 @_guard
-def push(ref: str, image: str | None, tls_verify: bool, recipes: tuple[Path, ...], toolchain: str | None,
+def push(ref: str, image: str | None, tls_verify: bool, keys_dir: Path | None, unsigned: bool,
+         signatures: Path | None, recipes: tuple[Path, ...], toolchain: str | None,
          cache_dir: Path | None, as_json: bool, jobs: int | None, offline: bool, keep_going: bool,
          no_check: bool) -> None:
-    """Push the image to an OCI registry as REF (e.g. registry.example/hadron/core:0.1)."""
+    """Push the image to an OCI registry as REF (e.g. registry.example/hadron/core:0.1), with its SBOM,
+    its provenance and a signature of its manifest (by the image signing key of the key directory)."""
+    import tempfile
+
     from hadron import service
-    from hadron.image import oci
+    from hadron.trust import keys as trust_keys
+    from hadron.trust import registry
 
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
     built = service.build_one_image(ctx, image, quiet=as_json)
-    oci.push(built.oci, built.record["version"], ref, tls_verify=tls_verify)
-    click.echo(json.dumps({"pushed": ref, "manifest": built.record["oci"]["manifest"]}) if as_json
-               else f"pushed {built.name} to {ref} ({built.record['oci']['manifest']})")
+    ks = trust_keys.ImageKeys(_keys_dir(keys_dir))
+    if not ks.has_image_key() and not unsigned:
+        raise HadronError(f"no image signing key in {ks.directory} (image-signing.fpr and gnupg/)",
+                          hint="make one with `hadron keys image-signing`, point --keys or $HADRON_KEYS at it, "
+                               "or pass --unsigned to push without a manifest signature")
+    with tempfile.TemporaryDirectory(prefix="hadron-push-") as work:
+        out = registry.push(built.oci, built.record["version"], ref, Path(work), None if unsigned else ks,
+                            tls_verify=tls_verify, signatures=signatures)
+    if as_json:
+        click.echo(json.dumps({"pushed": ref, **out}))
+        return
+    click.echo(f"pushed {built.name} to {ref} ({out['manifest']}) with its SBOM and provenance; manifest "
+               + (f"signed by {out['signed_by']}" if out["signed_by"] else "not signed"))
+    if "lookaside" in out:
+        click.echo(f"signature for lookaside clients: {out['lookaside']}")
 
 
 @main.group("buildenv")
@@ -628,7 +649,7 @@ def buildenv_show(cache_dir: Path | None) -> None:
 
 @main.group()
 def keys() -> None:
-    """Secure Boot and TPM policy signing keys."""
+    """Secure Boot, TPM policy and image signing keys."""
 
 
 @keys.command("generate")
@@ -641,6 +662,75 @@ def keys_generate(directory: Path | None, force: bool) -> None:
 
     ks = secureboot.generate_keys(_keys_dir(directory), force=force)
     click.echo(f"test keys written to {ks.directory} (PK, KEK, db, TPM PCR policy key); do not ship them")
+
+
+@keys.command("image-signing")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--force", is_flag=True, help="Replace the image signing keys there.")
+@_guard
+def keys_image_signing(directory: Path | None, force: bool) -> None:
+    """Add the image signing keys to a key directory: provenance.key/.pub (signs SBOM and provenance)
+    and an OpenPGP key (gnupg/, image-signing.gpg) that signs image manifests."""
+    from hadron.trust import keys as trust_keys
+
+    ks = trust_keys.generate(_keys_dir(directory), force=force)
+    click.echo(f"image signing keys written to {ks.directory}: provenance.pub (for hadron verify --key), "
+               f"image-signing.gpg (keyPath of a signedBy policy), OpenPGP key {ks.fingerprint}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--key", "key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Provenance public key (default: provenance.pub of the key directory).")
+@click.option("--keyring", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="OpenPGP public key the manifest signature must verify with, for a registry REF "
+                   "(default: image-signing.gpg of the key directory).")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None, help=KEYS_HELP)
+@click.option("--tag", default=None, help="Tag of the image in an OCI layout directory (default: its only image).")
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True)
+@_common
+@_guard
+def verify(target: str, key: Path | None, keyring: Path | None, keys_dir: Path | None, tag: str | None,
+           tls_verify: bool, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+           as_json: bool) -> None:
+    """Check an image: TARGET is a registry reference (HOST/PATH:TAG), an OCI layout or image directory,
+    or an image name (the one `hadron build NAME` last made, out/NAME). The provenance must be signed
+    by the key, be about this image's manifest and name the SBOM, which must list exactly the image's
+    files; a registry image's manifest signature must satisfy a skopeo policy that requires it."""
+    from hadron.image import oci
+    from hadron.trust import keys as trust_keys
+    from hadron.trust import verify as trust_verify
+
+    kdir = _keys_dir(keys_dir)
+    pub = trust_keys.public_key(key or kdir / trust_keys.PROVENANCE_PUB)
+    path = Path(target)
+    if path.is_dir():
+        layout = path / "oci" if (path / "oci" / "index.json").is_file() else path
+        report = trust_verify.verify_layout(layout, tag or oci.only_image_tag(layout), pub)
+    elif "/" in target:
+        ring = keyring or kdir / trust_keys.IMAGE_KEYRING
+        if not ring.is_file():
+            raise HadronError(f"{ring}: no OpenPGP public key to check the manifest signature with",
+                              hint="pass --keyring (the signer's image-signing.gpg) or --keys")
+        report = trust_verify.verify_remote(target, pub, ring, tls_verify=tls_verify)
+    else:
+        from hadron import service
+
+        ctx = _ctx(recipes, toolchain, cache_dir)
+        name = service.image_name(ctx, target)
+        last = ctx.settings.project / "out" / name
+        if not (last / "oci" / "index.json").is_file():
+            raise HadronError(f"image {name} has not been built here ({last} is missing)",
+                              hint=f"build it first: hadron build {name}")
+        report = trust_verify.verify_layout(last / "oci", oci.only_image_tag(last / "oci"), pub)
+    if as_json:
+        click.echo(json.dumps(report.doc()))
+        return
+    for c in report.checks:
+        click.echo(f"ok: {c}")
+    click.echo(f"verified {report.where} ({report.manifest}): SBOM {report.sbom_packages} packages, "
+               f"{report.sbom_files} files; provenance {report.dependencies} resolved dependencies; "
+               f"{report.seconds:.1f} s")
 
 
 @main.group()

@@ -163,7 +163,9 @@ def build_request(req: noop.Request, *, jobs: int | None = None, offline: bool =
 
 def watch_inputs(s: Settings) -> noop.Watch:
     """Stamps of the build's inputs (recipes, images, toolchain profiles, Hadron's code, configuration,
-    the host's release), taken before the build reads them."""
+    the provenance key, the host's release), taken before the build reads them."""
+    from hadron.trust import keys as trust_keys
+
     watch = noop.Watch(host.sandbox_path(s.extra_path))
     for d in s.recipe_dirs:
         watch.tree(d)
@@ -172,6 +174,7 @@ def watch_inputs(s: Settings) -> noop.Watch:
     watch.code()
     watch.file(s.project / "hadron.toml")
     watch.file(s.project / "buildenv.lock")
+    watch.file(trust_keys.project_dir(s.project) / trust_keys.PROVENANCE_KEY)  # signs images' provenance
     if "HADRON_CONFIG" in os.environ:
         watch.file(os.environ["HADRON_CONFIG"])
     for p in host.OS_RELEASE:

@@ -21,12 +21,14 @@ from typing import Any
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
+from securesystemslib.signer import Signer
 
 from hadron import BUILD_LOGIC_VERSION, __version__, runner
 from hadron.engine.cache import IMAGE_RECORD, Output
 from hadron.errors import HadronError
 from hadron.image import oci
 from hadron.image.definition import LoadedImage
+from hadron.trust import provenance, sbom
 
 # Host programs assembly runs (rows of hadron.host's table).
 HOST_TOOLS = ("strip", "bwrap")
@@ -46,6 +48,15 @@ class ImageBuild:
     kernel_release: str | None = None
     log: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # For the SBOM and the provenance: the image's packages and the build-only inputs they were built
+    # with, the build environment, who signs (None: the provenance stays unsigned), the image key.
+    components: list[sbom.Component] = field(default_factory=list)
+    build_inputs: list[sbom.Component] = field(default_factory=list)
+    build_env: str | None = None
+    signer: Signer | None = None
+    key: str = ""
+    started: float = field(default_factory=time.time)
+    owners: dict[str, str] = field(default_factory=dict)  # rootfs path → the package that installed it
 
     @property
     def rootfs(self) -> Path:
@@ -61,7 +72,7 @@ Step = Callable[[ImageBuild], None]
 def copy_outputs(b: ImageBuild) -> None:
     """Runtime outputs only, in dependency order; a path may come from one package only, unless the
     image says one package replaces another's files (``replaces``)."""
-    owner: dict[str, str] = {}
+    owner = b.owners
     replaces = b.image.spec.replaces
     b.rootfs.mkdir(parents=True)
     for name, out in b.outputs.items():
@@ -114,6 +125,7 @@ def merge_usr(b: ImageBuild) -> None:
     for d in USR_MERGED:
         top, target = r / d, r / "usr" / d
         if top.is_dir() and not top.is_symlink():
+            b.owners = {f"usr/{k}" if k.startswith(f"{d}/") else k: v for k, v in b.owners.items()}
             target.mkdir(parents=True, exist_ok=True)
             for entry in sorted(top.iterdir()):
                 dst = target / entry.name
@@ -179,6 +191,9 @@ def strip_binaries(b: ImageBuild) -> None:
 
 def install_files(b: ImageBuild) -> None:
     for files in b.image.files:
+        for dirpath, _dirs, names in os.walk(files):
+            for n in names:  # the image's own files, no longer the package's
+                b.owners.pop((Path(dirpath) / n).relative_to(files).as_posix(), None)
         shutil.copytree(files, b.rootfs, symlinks=True, dirs_exist_ok=True)
 
 
@@ -270,7 +285,7 @@ def configure_system(b: ImageBuild) -> None:
 
 # Part of every image key: bumped when the steps change what an image contains, so that images
 # are assembled again without rebuilding any package.
-ASSEMBLY_VERSION = "3"
+ASSEMBLY_VERSION = "4"
 
 UPDATED_STAMP = """\
 # The modification time of /usr for which /etc and /var were last updated (the format of
@@ -388,6 +403,44 @@ def write_oci(b: ImageBuild) -> None:
     b.summary["oci"] = info
 
 
+SBOM_FILE = "sbom.spdx.json"
+PROVENANCE_FILE = "provenance.dsse.json"
+
+
+def attest(b: ImageBuild) -> None:
+    """The SPDX SBOM and the SLSA provenance of the finished image, as artifacts referring to its
+    manifest in the OCI layout (and as files beside it); the provenance is signed when a key is set."""
+    info = b.summary["oci"]
+    layout = b.work / "oci"
+    subject, _ = oci.image_manifest(layout, b.image.spec.version)
+    files = sbom.hash_files(b.rootfs)
+    doc = sbom.document(image=b.image.name, version=b.image.spec.version, manifest_digest=info["manifest"],
+                        epoch=b.epoch, files=files, owners=b.owners, components=b.components,
+                        build_inputs=b.build_inputs)
+    sbom_bytes = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+    stmt = provenance.statement(
+        image=b.image.name, version=b.image.spec.version, manifest_digest=info["manifest"],
+        external={"image": b.image.name, "version": b.image.spec.version, "definition": b.image.digest(),
+                  "arch": b.arch},
+        internal={"source_date_epoch": b.epoch, "assembly": ASSEMBLY_VERSION, "build_logic": BUILD_LOGIC_VERSION},
+        components=b.components, build_inputs=b.build_inputs, build_env=b.build_env, invocation=b.key,
+        started=b.started, finished=time.time(), sbom=sbom_bytes)
+    envelope = provenance.sign(stmt, b.signer) if b.signer else provenance.unsigned(stmt)
+    oci.add_referrers(layout, subject, [
+        oci.Referrer(sbom.SPDX_MEDIA, sbom.SPDX_MEDIA, sbom_bytes, {oci.TITLE: SBOM_FILE}),
+        oci.Referrer(provenance.DSSE_MEDIA, provenance.DSSE_MEDIA, envelope,
+                     {oci.TITLE: PROVENANCE_FILE, "in-toto.io/predicate-type": provenance.PREDICATE_TYPE}),
+    ])
+    (b.work / SBOM_FILE).write_bytes(sbom_bytes)
+    (b.work / PROVENANCE_FILE).write_bytes(envelope)
+    signed_by = b.signer.public_key.keyid if b.signer else None
+    b.summary["trust"] = {"sbom_packages": len(doc["packages"]), "sbom_files": len(doc["files"]),
+                          "provenance_dependencies": len(stmt["predicate"]["buildDefinition"]["resolvedDependencies"]),
+                          "provenance_signed_by": signed_by}
+    b.note(f"SBOM: {len(doc['packages'])} packages, {len(doc['files'])} files; provenance "
+           + (f"signed by key {signed_by[:16]}" if signed_by else "unsigned (no provenance key)"))
+
+
 STEPS: list[Step] = [
     copy_outputs,
     merge_usr,
@@ -401,10 +454,14 @@ STEPS: list[Step] = [
     mark_updated,
     check_setuid,
     write_oci,
+    attest,
 ]
 
 
-def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, arch: str, epoch: int) -> str:
+def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, arch: str, epoch: int,
+              signer: str | None = None) -> str:
+    """``signer``: the key id that signs the provenance (None: unsigned), so that an image built
+    without a key is assembled and signed again once one is set."""
     doc = {
         "logic": BUILD_LOGIC_VERSION,
         "assembly": ASSEMBLY_VERSION,
@@ -413,6 +470,7 @@ def image_key(image: LoadedImage, outputs: dict[str, Output], toolchain: str, ar
         "toolchain": toolchain,
         "arch": arch,
         "epoch": epoch,
+        "signer": signer,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 

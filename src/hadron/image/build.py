@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securesystemslib.signer import CryptoSigner
+
 from hadron.context import Context
 from hadron.engine.cache import IMAGE_RECORD, Output
 from hadron.errors import HadronError
 from hadron.image.assembly import ImageBuild, assemble, image_key
 from hadron.image.definition import LoadedImage
+from hadron.trust import keys, sbom
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,16 @@ def image_outputs(ctx: Context, name: str, outputs: dict[str, Output]) -> dict[s
 
 def _key(ctx: Context, name: str, mine: dict[str, Output]) -> str:
     s = ctx.settings
-    return image_key(ctx.images[name], mine, ctx.toolchain.name, s.arch, s.source_date_epoch)
+    signer = provenance_signer(ctx)
+    return image_key(ctx.images[name], mine, ctx.toolchain.name, s.arch, s.source_date_epoch,
+                     signer.public_key.keyid if signer else None)
+
+
+def provenance_signer(ctx: Context) -> CryptoSigner | None:
+    """The key that signs images' provenance: provenance.key of the key directory ($HADRON_KEYS, else
+    keys/ in the project), if there is one; images are built unsigned without it."""
+    ks = keys.ImageKeys(keys.project_dir(ctx.settings.project))
+    return ks.signer() if ks.has_provenance_key() else None
 
 
 def current_image_key(ctx: Context, name: str, outputs: dict[str, Output]) -> str | None:
@@ -104,7 +116,8 @@ def build_image(ctx: Context, name: str, outputs: dict[str, Output], *, quiet: b
     built = published_image(ctx, name, key)
     if built is None:
         with ctx.cache.image_lock(key):
-            built = published_image(ctx, name, key) or assemble_image(ctx, name, key, mine, quiet=quiet)
+            built = published_image(ctx, name, key) or assemble_image(
+                ctx, name, key, mine, everything=outputs, quiet=quiet)
     _link(ctx.settings.project / "out" / name, built.path)
     return built
 
@@ -117,10 +130,13 @@ def published_image(ctx: Context, name: str, key: str) -> BuiltImage | None:
     return BuiltImage(name, key, path, json.loads((path / IMAGE_RECORD).read_text()), True)
 
 
-def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *, quiet: bool = False) -> BuiltImage:
+def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *,
+                   everything: dict[str, Output] | None = None, quiet: bool = False) -> BuiltImage:
     """Assemble image ``name`` (key ``key``) from ``mine`` in a private directory and publish it.
     Call with the image key's lock held. If the key is published already (by a process that did
-    not take the lock), this assembly is discarded and the published image returned."""
+    not take the lock), this assembly is discarded and the published image returned. ``everything``:
+    the outputs the image's packages were built with (default ``mine``), for the SBOM and provenance."""
+    everything = everything if everything is not None else mine
     image = ctx.images[name]
     t0 = time.monotonic()
 
@@ -128,9 +144,16 @@ def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *
         if not quiet:
             print(f"[{time.monotonic() - t0:7.1f}s] image {name}: {step}", file=sys.stderr, flush=True)
 
+    components = [_component(ctx, n, out) for n, out in mine.items()]
+    inputs = {n: d for c in components for n, d in c.inputs.items() if n not in mine}
+    build_inputs = [_component(ctx, n, everything[n]) for n in sorted(inputs)
+                    if n in everything and everything[n].digest() == inputs[n]]
+    envs = {str(out.manifest().get("build_env")) for out in mine.values() if out.manifest().get("build_env")}
     with ctx.cache.image_staging(key) as work:
         b = ImageBuild(image=image, outputs=mine, versions=_versions(ctx, mine), work=work,
-                       epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch)
+                       epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch, components=components,
+                       build_inputs=build_inputs, build_env=min(envs) if len(envs) == 1 else None,
+                       signer=provenance_signer(ctx), key=key)
         record = assemble(b, progress)
         progress("manifest")
         path, ours = ctx.cache.publish_image(key, work)
@@ -148,6 +171,18 @@ def _versions(ctx: Context, mine: dict[str, Output]) -> dict[str, dict[str, Any]
         versions[n] = {"version": r.version, "license": r.license, "summary": r.summary,
                        "sources": [{"url": s["url"], "sha256": s["sha256"]} for s in man.get("sources", [])]}
     return versions
+
+
+def _component(ctx: Context, name: str, out: Output) -> sbom.Component:
+    """Package ``name`` as the SBOM and provenance name it: from its recipe and its output's manifest."""
+    man = out.manifest()
+    r = ctx.recipes[name].recipe if name in ctx.recipes else None
+    return sbom.Component(
+        name=name, version=str(man.get("version") or (r.version if r else "")),
+        license=r.license if r else str(man.get("license") or "NOASSERTION"),
+        homepage=r.homepage if r else "NOASSERTION", output=out.digest(),
+        sources=tuple(sbom.Source(str(s["url"]), str(s["sha256"])) for s in man.get("sources", [])),
+        inputs={str(k): str(v) for k, v in man.get("inputs", {}).items()})
 
 
 def _link(link: Path, target: Path) -> None:

@@ -276,3 +276,137 @@ def read_blob(layout: Path, digest: str) -> bytes:
     _check_blob(layout, digest)
     algo, _, hexd = digest.partition(":")
     return (layout / "blobs" / algo / hexd).read_bytes()
+
+
+# ------------------------------------------------------------------------------ referrers
+# Artifacts about an image (its SBOM, its provenance, its manifest signature) are OCI manifests
+# whose ``subject`` is the image's manifest. Registries without the referrers API (and image
+# layouts, which have none) find them through the referrers tag schema of the distribution spec:
+# an image index tagged ``sha256-<hex of the image manifest digest>`` listing them.
+def referrers_tag(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    return f"{algo}-{hexd}"
+
+
+@dataclass(frozen=True)
+class Referrer:
+    artifact_type: str
+    media_type: str  # of its one layer
+    data: bytes
+    annotations: dict[str, str]
+
+
+def image_manifest(layout: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The descriptor (from index.json) and the manifest of the image tagged ``tag`` in ``layout``."""
+    try:
+        index = json.loads((layout / "index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise HadronError(f"{layout}: not an OCI image layout ({e})",
+                          hint="name a built image, or a directory holding index.json and blobs/") from None
+    for d in index.get("manifests", []):
+        if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            if d.get("mediaType") != MEDIA_MANIFEST:
+                raise HadronError(f"{layout}: {tag} is a {d.get('mediaType')}, not an image manifest")
+            return d, json.loads(read_blob(layout, str(d["digest"])))
+    tags = [str(d.get("annotations", {}).get("org.opencontainers.image.ref.name")) for d in index.get("manifests", [])]
+    raise HadronError(f"{layout}: no image tagged {tag!r}", hint=f"tags there: {', '.join(tags) or '(none)'}")
+
+
+def only_image_tag(layout: Path) -> str:
+    """The tag of the one image in ``layout`` (an error when there are none or several)."""
+    try:
+        index = json.loads((layout / "index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise HadronError(f"{layout}: not an OCI image layout ({e})") from None
+    tags = [str(d.get("annotations", {}).get("org.opencontainers.image.ref.name")) for d in index.get("manifests", [])
+            if d.get("mediaType") == MEDIA_MANIFEST]
+    if len(tags) != 1:
+        raise HadronError(f"{layout}: {len(tags)} images ({', '.join(tags) or 'none'}), cannot tell which to check",
+                          hint="pass --tag")
+    return tags[0]
+
+
+def add_referrers(layout: Path, subject: dict[str, Any], artifacts: list[Referrer]) -> dict[str, Any]:
+    """Write ``artifacts`` as manifests referring to ``subject`` (an image's descriptor) and their
+    referrers index, tagged by the referrers tag schema in index.json (replacing one there);
+    returns the index's descriptor."""
+    subj = {"mediaType": subject["mediaType"], "digest": subject["digest"], "size": subject["size"]}
+    empty = put_blob(layout, b"{}")
+    entries = []
+    for a in artifacts:
+        blob = put_blob(layout, a.data)
+        manifest = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "artifactType": a.artifact_type,
+                    "config": {"mediaType": EMPTY_MEDIA, "digest": empty.digest, "size": empty.size},
+                    "layers": [{"mediaType": a.media_type, "digest": blob.digest, "size": blob.size}],
+                    "subject": subj, "annotations": a.annotations}
+        m = put_blob(layout, _canonical(manifest))
+        entries.append({"mediaType": MEDIA_MANIFEST, "digest": m.digest, "size": m.size,
+                        "artifactType": a.artifact_type, "annotations": a.annotations})
+    idx = put_blob(layout, _canonical({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": entries}))
+    tag = referrers_tag(str(subject["digest"]))
+    desc = {"mediaType": MEDIA_INDEX, "digest": idx.digest, "size": idx.size,
+            "annotations": {"org.opencontainers.image.ref.name": tag}}
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"] = [d for d in index["manifests"]
+                          if d.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag] + [desc]
+    tmp = layout / "index.json.tmp"
+    tmp.write_bytes(_canonical(index))
+    os.replace(tmp, layout / "index.json")
+    return desc
+
+
+def referrers(layout: Path, digest: str) -> list[tuple[Referrer, str]]:
+    """The artifacts referring to manifest ``digest`` in ``layout`` and each one's manifest digest;
+    every blob is re-hashed, and an artifact whose subject is another manifest is an error."""
+    tag = referrers_tag(digest)
+    index = json.loads((layout / "index.json").read_text())
+    found = [d for d in index.get("manifests", [])
+             if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+    if not found:
+        return []
+    out = []
+    for d in json.loads(read_blob(layout, str(found[0]["digest"]))).get("manifests", []):
+        m = json.loads(read_blob(layout, str(d["digest"])))
+        if m.get("subject", {}).get("digest") != digest:
+            raise HadronError(f"{layout}: artifact {d['digest']} is listed as referring to {digest} but its subject "
+                              f"is {m.get('subject', {}).get('digest')}",
+                              hint="the referrers index was altered; fetch or build the image again")
+        layers = m.get("layers", [])
+        if len(layers) != 1:
+            raise HadronError(f"{layout}: artifact {d['digest']} has {len(layers)} layers, expected one")
+        out.append((Referrer(str(m.get("artifactType")), str(layers[0]["mediaType"]),
+                             read_blob(layout, str(layers[0]["digest"])), dict(m.get("annotations", {}))),
+                    str(d["digest"])))
+    return out
+
+
+def layer_files(layout: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """The regular files of an image's layers (path → SHA-256 of the content), hard links included;
+    each layer blob is checked against its digest while it is read."""
+    out: dict[str, str] = {}
+    for layer in manifest.get("layers", []):
+        digest = str(layer["digest"])
+        try:
+            _check_blob(layout, digest)
+        except FileNotFoundError:
+            raise HadronError(f"{layout}: layer {digest} is missing", hint="fetch or build the image again") from None
+        except HadronError:
+            raise HadronError(f"{layout}: layer {digest} does not match its digest",
+                              hint="the image was altered; fetch or build it again") from None
+        algo, _, hexd = digest.partition(":")
+        with tarfile.open(layout / "blobs" / algo / hexd, mode="r:*") as tf:
+            for m in tf:
+                name = m.name.removeprefix("./")
+                if m.isreg():
+                    h = hashlib.sha256()
+                    f = tf.extractfile(m)
+                    if f is None:
+                        raise HadronError(f"{layout}: layer {digest}: cannot read /{name}")
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                    out[name] = h.hexdigest()
+                elif m.islnk():
+                    out[name] = out.get(m.linkname.removeprefix("./"), "")
+                else:
+                    out.pop(name, None)
+    return out

@@ -1,1 +1,2 @@
-"""What a user can check about a build: reproducibility under variation."""
+"""What lets a user check an image: its SBOM, its signed provenance and its signed manifest, and
+that a rebuild on another machine gives the same bytes."""

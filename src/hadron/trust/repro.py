@@ -12,7 +12,6 @@ differs, diffoscope (Debian) says where.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from hadron.context import Context
 from hadron.engine.cache import Output
 from hadron.engine.sandbox import STANDARD, Variation, base_env
 from hadron.errors import BuildError
+from hadron.image import oci
 from hadron.layout import CacheLayout
 
 # Host programs this module runs (rows of hadron.host's table).
@@ -107,8 +107,10 @@ def diffoscope(a: Path, b: Path, report: Path) -> str:
 
 
 def _manifest_digest(oci_layout: Path) -> str:
-    index = json.loads((oci_layout / "index.json").read_text())
-    return str(index["manifests"][0]["digest"])
+    """The image's manifest digest (its SBOM and provenance refer to it and are not compared: the
+    provenance records when the build ran and is signed afresh)."""
+    desc, _manifest = oci.image_manifest(oci_layout, oci.only_image_tag(oci_layout))
+    return str(desc["digest"])
 
 
 def verify_repro(ctx: Context, targets: list[str], *, work: Path, keep: Path | None = None,
