@@ -1,10 +1,11 @@
 """Toolchain profiles: which compiler target recipes are built with.
 
 A profile is data (``distro/toolchains/<name>.toml``): the packages that provide it (implicit build
-dependencies of every recipe with ``depends.toolchain = true``), directories prepended to ``PATH``
+dependencies of every recipe with ``depends.toolchain = true``), directories prepended to ``PATH``,
 environment for the build-system helpers and the target compile and link flags (``[flags]``,
 exported as ``CFLAGS``/``CXXFLAGS``/``LDFLAGS`` to user-space builds; kbuild recipes do not get
-them). The image hardening audit reads ``[flags]`` for what a binary cannot show (FORTIFY). ``native`` — the build environment's own compiler,
+them). The image hardening audit reads ``[flags]`` for what a binary cannot show (FORTIFY).
+``native`` — the build environment's own compiler,
 no extra packages — is built in and used for engine tests.
 """
 
@@ -19,7 +20,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hadron.errors import HadronError
-
 
 FLAG_VARIABLES = ("CFLAGS", "CXXFLAGS", "LDFLAGS")
 
@@ -52,6 +52,8 @@ class Toolchain:
     host_tools: tuple[str, ...] = ()
     cflags: tuple[str, ...] = ()
     ldflags: tuple[str, ...] = ()
+    # Whether images built with the profile must pass the ELF hardening audit (hadron.image.hardening).
+    audited: bool = True
 
     def digest(self) -> str:
         """The profile's content: a changed compiler flag or prefix must change every key it reaches."""
@@ -74,7 +76,9 @@ class Toolchain:
         return out
 
 
-NATIVE = Toolchain(name="native")
+# The build machine's compiler and C library: engine tests build with it, and its programs are not
+# the distribution's, so its images get the hardening table without failing on it.
+NATIVE = Toolchain(name="native", audited=False)
 
 
 def load_toolchain(project: Path, name: str) -> Toolchain:

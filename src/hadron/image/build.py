@@ -130,7 +130,7 @@ def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *
 
     with ctx.cache.image_staging(key) as work:
         b = ImageBuild(image=image, outputs=mine, versions=_versions(ctx, mine), work=work,
-                       epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch)
+                       epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch, toolchain=ctx.toolchain)
         record = assemble(b, progress)
         progress("manifest")
         path, ours = ctx.cache.publish_image(key, work)
