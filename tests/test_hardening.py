@@ -202,3 +202,33 @@ def test_a_violation_fails_the_image_unless_allowed(project: Project) -> None:
     add_image(project, "bad", ["prog", "hello"], entry.replace("test: a static program", ""))
     res = project.hadron("build", "bad", "--toolchain", "hard")
     assert res.returncode == 1 and "hardening_allowed.0.reason" in res.stderr
+
+
+def test_profile_flags_reach_user_space_builds_but_not_the_kernel(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from hadron.engine.executor import BuildRequest, step_environment
+    from hadron.engine.recipe import load_recipes
+    from hadron.engine.toolchain import load_toolchain
+    from hadron.errors import HadronError
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = load_recipes([root / "distro" / "packages"])
+    for profile in ("host", "cross"):
+        tc = load_toolchain(root, profile)
+        assert h.fortify_from_flags(profile, tc.cflags).asserted
+        env = {}
+        for name in ("zlib", "systemd", "expat", "zstd", "busybox", "linux-cloud"):
+            req = BuildRequest(recipe=recipes[name], key="0" * 64, sources=[], inputs={},
+                               env_identity="buildenv:sha256:" + "1" * 64, toolchain=tc, source_date_epoch=0)
+            env[name] = step_environment(req)
+        for name in ("zlib", "systemd", "expat", "zstd", "busybox"):  # autotools, meson, cmake, make, custom
+            assert env[name]["CFLAGS"] == " ".join(tc.cflags) and "-fstack-protector-strong" in env[name]["CFLAGS"]
+            assert env[name]["LDFLAGS"] == " ".join(tc.ldflags) and "-Wl,-z,now" in env[name]["LDFLAGS"]
+        assert not {"CFLAGS", "CXXFLAGS", "LDFLAGS"} & set(env["linux-cloud"])
+        assert tc.digest() != replace(tc, ldflags=tc.ldflags[:-1]).digest()
+    # Flags belong in [flags], where the audit reads them, not in [env].
+    (tmp_path / "distro" / "toolchains").mkdir(parents=True)
+    (tmp_path / "distro" / "toolchains" / "x.toml").write_text('name = "x"\nsummary = "x"\n[env]\nCFLAGS = "-O2"\n')
+    with pytest.raises(HadronError, match=r"x.toml: env.CFLAGS: compile and link flags belong in \[flags\]"):
+        load_toolchain(tmp_path, "x")
