@@ -232,3 +232,15 @@ def test_profile_flags_reach_user_space_builds_but_not_the_kernel(tmp_path: Path
     (tmp_path / "distro" / "toolchains" / "x.toml").write_text('name = "x"\nsummary = "x"\n[env]\nCFLAGS = "-O2"\n')
     with pytest.raises(HadronError, match=r"x.toml: env.CFLAGS: compile and link flags belong in \[flags\]"):
         load_toolchain(tmp_path, "x")
+
+
+def test_a_protected_main_that_never_returns_counts_as_canary(tmp_path: Path) -> None:
+    # main ends in exit(): gcc stores the guard but emits no check, so no __stack_chk_fail.
+    src = "#include <stdlib.h>\n" + PROG_C.replace("return 0;", "exit(0);")
+    root = tmp_path / "rootfs"
+    for flags, want in (([], h.OK), (["-fno-stack-protector"], h.FAIL)):
+        prog = compile_into(root, "usr/bin/prog", [*HARD, *flags], src)
+        syms = subprocess.run(["nm", "-D", str(prog)], capture_output=True, text=True, check=True).stdout
+        assert "__stack_chk_fail" not in syms
+        (fa,) = h.audit_tree(root, "x86_64", FORTIFIED, []).files
+        assert fa.results["canary"] == want

@@ -11,7 +11,9 @@ runs it as a program or library of the image's architecture, checked for:
               (full RELRO with ``relro``; does not apply to a file without ``PT_DYNAMIC``);
 ``nx``        a ``PT_GNU_STACK`` segment without ``PF_X``;
 ``canary``    ``__stack_chk_fail`` or ``__stack_chk_guard`` among the dynamic symbols (which
-              stripping keeps) or the symbol table;
+              stripping keeps) or the symbol table, or (x86_64) code that loads the stack guard
+              from ``%fs:0x28``: a protected function that never returns (a ``main`` that ends in
+              ``exit()``) stores the guard but has no check, so it needs no ``__stack_chk_fail``;
 ``rpath``     every ``DT_RPATH``/``DT_RUNPATH`` entry, ``$ORIGIN`` resolved against the file's
               directory, lies inside the image's library directories;
 ``textrel``   neither ``DT_TEXTREL`` nor ``DF_TEXTREL``;
@@ -179,6 +181,19 @@ def _has_symbol(elf: ELFFile, names: Iterable[str]) -> bool:
     return False
 
 
+# x86_64: mov %fs:0x28,<64-bit register> — how -fstack-protector code reads the guard (glibc and
+# musl both keep it at that offset of the thread control block).
+GUARD_LOAD = {"EM_X86_64": re.compile(rb"\x64[\x48\x4c]\x8b[\x04\x0c\x14\x1c\x24\x2c\x34\x3c]\x25\x28\x00\x00\x00")}
+
+
+def _loads_guard(elf: ELFFile, machine: str) -> bool:
+    pattern = GUARD_LOAD.get(machine)
+    if pattern is None:
+        return False
+    return any(seg["p_type"] == "PT_LOAD" and seg["p_flags"] & PF_X and pattern.search(seg.data())
+               for seg in elf.iter_segments())
+
+
 def _inside_library_dirs(entry: str, file_dir: str) -> bool:
     """An RPATH/RUNPATH entry, ``$ORIGIN`` resolved against ``file_dir`` (absolute, in the image),
     names a directory inside the image's library directories."""
@@ -258,8 +273,9 @@ def _audit_elf(elf: ELFFile, rel: str, arch: str, fortify: Fortify) -> FileAudit
         verdict("nx", False, "no PT_GNU_STACK segment: the stack may be executable")
     else:
         verdict("nx", not stack[0]["p_flags"] & PF_X, "PT_GNU_STACK is executable (-z execstack)")
-    verdict("canary", _has_symbol(elf, CANARY_SYMBOLS),
-            "neither __stack_chk_fail nor __stack_chk_guard is referenced (no -fstack-protector code)")
+    verdict("canary", _has_symbol(elf, CANARY_SYMBOLS) or _loads_guard(elf, machine),
+            "no stack protector code: neither __stack_chk_fail nor __stack_chk_guard is referenced"
+            + (" and no code loads the guard from %fs:0x28" if machine in GUARD_LOAD else ""))
     paths = [p for t in tags.get("DT_RPATH", []) for p in str(t.rpath).split(":")]
     paths += [p for t in tags.get("DT_RUNPATH", []) for p in str(t.runpath).split(":")]
     outside = [p for p in paths if not _inside_library_dirs(p, posixpath.dirname("/" + rel))]
