@@ -180,24 +180,24 @@ def test_a_violation_fails_the_image_unless_allowed(project: Project) -> None:
     record = json.loads((Path(json.loads(res.stdout)["images"]["clean"]["path"]) / "image.json").read_text())
     (prog,) = record["hardening"]["files"]
     assert prog["path"] == "/usr/bin/prog" and set(prog["results"].values()) <= {h.OK, h.NA}
-    # A static, non-PIE program (its canary symbols stripped with the symbol table) fails the image.
+    # A static, non-PIE program fails the image.
     add_static_hello(project)
     add_image(project, "bad", ["prog", "hello"])
     res = project.hadron("build", "bad", "--toolchain", "hard")
     assert res.returncode == 1
     assert "ELF files fail the hardening audit" in res.stderr and "/usr/bin/hello: ET_EXEC" in res.stderr
     assert "hardening_allowed" in res.stderr
-    entry = ('[[hardening_allowed]]\npath = "/usr/bin/hello"\nchecks = ["pie", "canary"]\n'
+    entry = ('[[hardening_allowed]]\npath = "/usr/bin/hello"\nchecks = ["pie"]\n'
              'reason = "test: a static program"\n')
     add_image(project, "bad", ["prog", "hello"], entry)
     res = project.hadron("build", "bad", "--toolchain", "hard")
     assert res.returncode == 0, res.stderr
     shown = project.hadron("image", "audit", "bad", "--toolchain", "hard", check=True).stdout
-    assert "/usr/bin/hello" in shown and "allowed: /usr/bin/hello (pie, canary): test: a static program" in shown
+    assert "/usr/bin/hello" in shown and "allowed: /usr/bin/hello (pie): test: a static program" in shown
     # An entry that excuses nothing is an error: stale exceptions do not accumulate.
     add_image(project, "bad", ["prog", "hello"], entry + entry.replace("/usr/bin/hello", "/usr/bin/gone"))
     res = project.hadron("build", "bad", "--toolchain", "hard")
-    assert res.returncode == 1 and "/usr/bin/gone (pie, canary): excuses no file" in res.stderr
+    assert res.returncode == 1 and "/usr/bin/gone (pie): excuses no file" in res.stderr
     # An entry without a reason is refused where it is written.
     add_image(project, "bad", ["prog", "hello"], entry.replace("test: a static program", ""))
     res = project.hadron("build", "bad", "--toolchain", "hard")
