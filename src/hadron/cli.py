@@ -763,6 +763,34 @@ def image_uki(name: str | None, recipes: tuple[Path, ...], toolchain: str | None
                + " ".join(info.written))
 
 
+@image.command("audit")
+@click.argument("name", required=False)
+@_common
+@_build_options
+@click.option("--all", "everything", is_flag=True, help="One row per ELF file, not only the failed or allowed.")
+@_guard
+def image_audit(name: str | None, recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
+                as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool,
+                everything: bool) -> None:
+    """Print the image's ELF hardening audit (PIE, RELRO, BIND_NOW, NX, canary, RPATH, TEXTREL, FORTIFY)."""
+    from hadron import service
+    from hadron.image.hardening import table
+
+    ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
+    built = service.build_one_image(ctx, name, quiet=as_json)
+    record = built.record.get("hardening")
+    if record is None:
+        raise HadronError(f"image {built.name}: its record ({built.path}/image.json) has no hardening audit",
+                          hint="it was assembled before the audit existed; remove it with `hadron cache gc`")
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"image {built.name} ({built.path}), toolchain {record['toolchain']}"
+               + ("" if record["enforced"] else " (not enforced: the build machine's own compiler)"))
+    for line in table(record, everything=everything):
+        click.echo(line)
+
+
 @image.command("disk")
 @click.argument("name", required=False)
 @_common

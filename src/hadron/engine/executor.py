@@ -18,7 +18,7 @@ from hadron.engine.cache import Cache, Output, remove_tree, split_tree
 from hadron.engine.fetch import Fetched
 from hadron.engine.jobs import JobServer
 from hadron.engine.recipe import KbuildBuild, LoadedRecipe, digest_folder
-from hadron.engine.toolchain import Toolchain
+from hadron.engine.toolchain import FLAG_VARIABLES, Toolchain
 from hadron.errors import BuildError, HadronError
 
 
@@ -155,6 +155,9 @@ def step_environment(req: BuildRequest, variation: sandbox.Variation = sandbox.S
         # one, not its user-space one); read by every make call of the recipe, install included.
         env["ARCH"] = kernel_arch(req.arch)
         env["CROSS_COMPILE"] = env.get("HADRON_KERNEL_CROSS_COMPILE", "")
+        # The profile's user-space compile and link flags are not the kernel's.
+        for var in FLAG_VARIABLES:
+            env.pop(var, None)
     env.update(r.build.env)
     return env
 

@@ -25,8 +25,9 @@ from securesystemslib.signer import Signer
 
 from hadron import BUILD_LOGIC_VERSION, __version__, runner
 from hadron.engine.cache import IMAGE_RECORD, Output
+from hadron.engine.toolchain import NATIVE, Toolchain
 from hadron.errors import HadronError
-from hadron.image import oci
+from hadron.image import hardening, oci
 from hadron.image.definition import LoadedImage
 from hadron.trust import provenance, sbom
 
@@ -45,6 +46,7 @@ class ImageBuild:
     work: Path
     epoch: int
     arch: str
+    toolchain: Toolchain = NATIVE
     kernel_release: str | None = None
     log: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -285,7 +287,7 @@ def configure_system(b: ImageBuild) -> None:
 
 # Part of every image key: bumped when the steps change what an image contains, so that images
 # are assembled again without rebuilding any package.
-ASSEMBLY_VERSION = "4"
+ASSEMBLY_VERSION = "5"
 
 UPDATED_STAMP = """\
 # The modification time of /usr for which /etc and /var were last updated (the format of
@@ -372,6 +374,37 @@ def check_dlopen(b: ImageBuild) -> None:
            + (f" or listed in dlopen_absent ({', '.join(sorted(absent_ok))})" if absent_ok else ""))
 
 
+def check_hardening(b: ImageBuild) -> None:
+    """The ELF hardening audit (hadron.image.hardening) of what the image ships: its table goes into
+    the image record; a violation the image's ``hardening_allowed`` does not excuse fails the image
+    (for a profile that is audited), and so does an allow-list entry that excuses nothing."""
+    tc = b.toolchain
+    allow = [hardening.AllowEntry(a.path, tuple(a.checks), a.reason) for a in b.image.spec.hardening_allowed]
+    fortify = hardening.fortify_from_flags(tc.name, tc.cflags)
+    audit = hardening.audit_tree(b.rootfs, b.arch, fortify, allow)
+    b.summary["hardening"] = {"toolchain": tc.name, "enforced": tc.audited, **audit.record(allow)}
+    violations = audit.violations
+    b.note(f"hardening audit ({tc.name} profile): {len(audit.files)} ELF files, {len(violations)} violations, "
+           f"{sum(len(f.allowed_by) for f in audit.files)} allowed by hardening_allowed")
+    if audit.unused:
+        raise HadronError(
+            f"image {b.image.name}: hardening_allowed entries that excuse no file:\n  " + "\n  ".join(audit.unused),
+            hint=f"remove them (or the checks named) from hardening_allowed in {b.image.path}")
+    if not violations or not tc.audited:
+        return
+    by_check: dict[str, list[str]] = {}
+    for f, check in violations:
+        by_check.setdefault(check, []).append(f"/{f.path}: {f.details.get(check, '')}")
+    lines = []
+    for check, items in by_check.items():
+        lines.append(f"{check} ({len(items)} files):")
+        lines += [f"  {i}" for i in items[:15]] + ([f"  ... and {len(items) - 15} more"] if len(items) > 15 else [])
+    raise HadronError(
+        f"image {b.image.name}: ELF files fail the hardening audit:\n  " + "\n  ".join(lines),
+        hint=f"fix the package's recipe or the compile/link flags of toolchain profile {tc.name!r} ([flags]), "
+             f"or name the files in hardening_allowed of {b.image.path} with the checks and the reason")
+
+
 def check_setuid(b: ImageBuild) -> None:
     allowed = set(b.image.spec.setuid_allowed)
     bad = []
@@ -448,6 +481,7 @@ STEPS: list[Step] = [
     strip_binaries,
     check_dlopen,
     install_files,
+    check_hardening,
     write_os_release,
     write_component_manifest,
     configure_system,

@@ -153,7 +153,7 @@ def assemble_image(ctx: Context, name: str, key: str, mine: dict[str, Output], *
         b = ImageBuild(image=image, outputs=mine, versions=_versions(ctx, mine), work=work,
                        epoch=ctx.settings.source_date_epoch, arch=ctx.settings.arch, components=components,
                        build_inputs=build_inputs, build_env=min(envs) if len(envs) == 1 else None,
-                       signer=provenance_signer(ctx), key=key)
+                       signer=provenance_signer(ctx), key=key, toolchain=ctx.toolchain)
         record = assemble(b, progress)
         progress("manifest")
         path, ours = ctx.cache.publish_image(key, work)

@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hadron.engine.recipe import recipe_files
 from hadron.errors import HadronError
+from hadron.image.hardening import ALLOWABLE
+
+
+class HardeningAllow(BaseModel):
+    """An exception to the ELF hardening audit: files (a glob over absolute paths in the image,
+    ``*`` crossing ``/``), the checks they may fail, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(pattern=r"^/", description="glob over absolute paths in the image")
+    checks: list[Literal[ALLOWABLE]] = Field(min_length=1)  # type: ignore[valid-type]
+    reason: str = Field(pattern=r"\S", description="why the files may fail these checks")
 
 
 class ImageSpec(BaseModel):
@@ -32,6 +44,8 @@ class ImageSpec(BaseModel):
     dlopen_absent: dict[str, str] = Field(
         default_factory=dict,
         description="soname → why the image leaves out a library its programs name in .note.dlopen")
+    hardening_allowed: list[HardeningAllow] = Field(
+        default_factory=list, description="ELF files allowed to fail hardening checks, with the reason")
     cmd: list[str] = Field(default_factory=lambda: ["/bin/sh"])
     strip: bool = True
     extends: str | None = Field(default=None, description="image whose packages and files this one starts from")
@@ -110,6 +124,10 @@ def load_image(path: Path, known: Mapping[str, Path] | None = None, _chain: tupl
         if isinstance(own_replaces, dict):
             # The parent's replacements hold in the child too; the child adds its own.
             merged["replaces"] = {**parent.spec.replaces, **own_replaces}
+        own_allowed = data.get("hardening_allowed", [])
+        if isinstance(own_allowed, list):
+            # The parent's hardening exceptions hold in the child too; the child adds its own.
+            merged["hardening_allowed"] = [a.model_dump() for a in parent.spec.hardening_allowed] + own_allowed
         data = merged
         files = (*parent.files, *files)
     try:
