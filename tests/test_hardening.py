@@ -165,6 +165,7 @@ def add_hardened_prog(p: Project) -> None:
     (p.packages / "prog.toml").write_text(
         f'name = "prog"\nversion = "1"\nsummary = "hardened program"\nlicense = "MIT"\n'
         f'homepage = "https://example.org"\n[[sources]]\nurl = "{p.url}/prog-1.tar.gz"\nsha256 = "{digest}"\n'
+        'unsigned = "a test file: no upstream signature"\n'
         '[build]\nsystem = "custom"\nbuild = "cc $CFLAGS $LDFLAGS -o prog /src/prog.c"\n'
         "install = 'install -Dm755 prog \"$DESTDIR/usr/bin/prog\"'\n[depends]\ntoolchain = true\n")
 
