@@ -174,25 +174,41 @@ def fetch(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | 
 @_common
 @_build_options
 @click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Keep the varied rebuild's cache and the diffoscope reports in this directory.")
+              help="Keep the varied rebuild's cache, both builds' boot artifacts and the reports in this directory.")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Key directory that signs the compared UKIs and disks (default $HADRON_KEYS, else throwaway "
+                   "test keys made for the run).")
+@click.option("--no-boot", is_flag=True, help="Compare packages and images only, not the UKIs and disk images.")
 @_guard
 def verify_repro(targets: tuple[str, ...], recipes: tuple[Path, ...], toolchain: str | None, cache_dir: Path | None,
                  as_json: bool, jobs: int | None, offline: bool, keep_going: bool, no_check: bool,
-                 keep: Path | None) -> None:
+                 keep: Path | None, keys_dir: Path | None, no_boot: bool) -> None:
     """Rebuild TARGETS (default: the default image) in a second cache on a varied machine (host build path,
     host name, user, umask, locale, time zone, CPU count) and compare every package and image with the
-    normal build; diffoscope reports each difference. Exits 1 unless everything is identical."""
+    normal build, then every image's signed UKIs and disk images made from each; diffoscope reports each
+    package or image difference, and a UKI or disk difference is located by PE section or GPT partition.
+    Exits 1 unless everything is identical."""
+    from hadron import service
+    from hadron.boot import secureboot
     from hadron.trust import repro
 
     ctx = _ctx(recipes, toolchain, cache_dir, jobs=jobs, offline=offline, keep_going=keep_going, no_check=no_check)
     names = list(targets) or ctx.default_targets()
     with ctx.layout.work_dir("repro") as work:
-        rep = repro.verify_repro(ctx, names, work=work, keep=keep, say=lambda m: click.echo(m, err=True))
+        ks = None
+        if not no_boot and any(ctx.images[i].spec.boot for i in service.expand_targets(ctx, names)[1]):
+            if keys_dir is None and "HADRON_KEYS" not in os.environ:
+                ks = secureboot.generate_keys(work / "keys")
+                click.echo(f"boot artifacts are signed with throwaway test keys ({ks.directory}); "
+                           "--keys names yours", err=True)
+            else:
+                ks = secureboot.load_keys(_keys_dir(keys_dir))
+        rep = repro.verify_repro(ctx, names, work=work, keep=keep, keys=ks, say=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rep.doc(), indent=2))
     else:
         for c in rep.compared:
-            click.echo(f"{'identical' if c.identical else 'DIFFERS  '} {c.kind:7} {c.name}")
+            click.echo(f"{'identical' if c.identical else 'DIFFERS  '} {c.kind:7} {c.name}  {c.rebuilt}")
             if not c.identical:
                 click.echo("    " + "\n    ".join(c.diff.splitlines()[:12]) + f"\n    report: {c.report}")
         click.echo(f"{rep.identical}/{len(rep.compared)} identical ({rep.percent:.1f} %) in {rep.seconds:.0f} s"

@@ -10,12 +10,13 @@ SOURCE_DATE_EPOCH; Debian 12's 1.47.0 stamps the time of the run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,18 @@ HOST_TOOLS = ("sfdisk", "mkfs.fat", "mmd", "mcopy", "mkfs.ext4")
 MIB = 1 << 20
 MKE2FS = "/usr/bin/mke2fs"  # e2fsprogs' mke2fs in an image (busybox's applet, in /usr/sbin, has no -d)
 _NAMESPACE = uuid.UUID("7d0b4c1e-5a2f-4c62-9a5e-4861647230e1")
+
+
+@contextlib.contextmanager
+def standard_umask() -> Iterator[None]:
+    """Run a disk or boot step with umask 0022, whatever the caller's: the mount points, os-release
+    and loader files it creates get the same modes on every machine (as a package build's do). A
+    decorator too; it sets the process's umask, so disk steps do not run in parallel threads."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def stable_uuid(seed: str, what: str) -> str:

@@ -201,6 +201,7 @@ def embed_bios_grub(disk_path: Path, boot_img: bytes, core_img: bytes, part_lba:
         f.write(boot)
 
 
+@disk.standard_umask()
 def build_grub_disk(img: BuiltImage, out: Path, *, check: bool = False, cmdline_extra: str = "",
                     log: Path | None = None, epoch: int = 0) -> GrubDisk:
     """The standard-path disk image; ``check`` adds the boot-check unit (qemu.CHECK_UNIT)."""

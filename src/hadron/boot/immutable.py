@@ -181,6 +181,7 @@ def cmdline_for(roothash: str, extra: str = "") -> str:
     return f"roothash={roothash} rootfstype=erofs console=ttyS0 panic=-1 {extra}".strip()
 
 
+@disk.standard_umask()
 def build_immutable_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, log: Path,
                          version: str | None = None, check: bool = False, probe: str | None = None,
                          extra_files: Mapping[str, bytes] | None = None, cmdline_extra: str = "",

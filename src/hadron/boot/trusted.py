@@ -122,6 +122,7 @@ def kernel_cmdline(img: BuiltImage, extra: str = "") -> str:
     return f"root=PARTUUID={root_partuuid(img)} rootfstype=ext4 rw console=ttyS0 panic=-1 {extra}".strip()
 
 
+@disk.standard_umask()
 def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmdline_extra: str = "",
                      pcr_phases: tuple[str, ...] | None = None, epoch: int = 0, cmdline: str | None = None,
                      rootfs: Path | None = None) -> uki.UkiInfo:
@@ -146,6 +147,7 @@ def build_signed_uki(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, cmd
     return info
 
 
+@disk.standard_umask()
 def build_trusted_disk(img: BuiltImage, keys: secureboot.KeySet, out: Path, *, check: bool = False,
                        cmdline_extra: str = "", pcr_phases: tuple[str, ...] | None = None,
                        epoch: int = 0, probe: str | None = None,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from hadron import runner
-from hadron.boot import immutable, repart
+from hadron.boot import disk, immutable, repart
 from hadron.boot.grub import run_in_image
 from hadron.errors import HadronError
 from hadron.image.build import BuiltImage
@@ -116,6 +116,7 @@ def stage_tree(sources: Sequence[Path], tree: Path, name: str, release: Mapping[
     rel.write_text("".join(f"{k}={v}\n" for k, v in release.items()))
 
 
+@disk.standard_umask()
 def build_sysext(base: BuiltImage, name: str, sources: Sequence[Path], out: Path, *, log: Path,
                  form: Form = "signed", key: Path | None = None, cert: Path | None = None,
                  release: Mapping[str, str] | None = None, release_name: str | None = None) -> Sysext:

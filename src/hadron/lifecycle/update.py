@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hadron import runner
-from hadron.boot import immutable, repart, secureboot
+from hadron.boot import disk, immutable, repart, secureboot
 from hadron.engine.fetch import file_sha256
 from hadron.errors import HadronError
 from hadron.image import oci
@@ -127,6 +127,7 @@ def check_image(img: BuiltImage) -> None:
     repart.check_image(img.rootfs, img.name)
 
 
+@disk.standard_umask()
 def publish(img: BuiltImage, keys: secureboot.KeySet, version: str, directory: Path, *, log: Path,
             check: bool = False, probe: str | None = None, extra_files: dict[str, bytes] | None = None,
             epoch: int = 0) -> Published:

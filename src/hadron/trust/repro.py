@@ -6,21 +6,26 @@ user inside the sandbox, umask 0002, another locale and time zone, and another C
 against -j2 or more). Sources and the build environment are linked in from the reference cache, so
 the rebuild reads the same inputs and fetches nothing. Every package of the closure is compared by
 the content digest of its output, every image by its OCI manifest digest; for a package that
-differs, diffoscope (Debian) says where.
+differs, diffoscope (Debian) says where. Then every boot artifact of each image (signed UKIs and
+disk images, per its boot paths) is made from each build, the second time in another directory
+with the varied umask, time zone and locale, and compared by sha256; a difference is located by
+GPT partition or PE section.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hadron import runner, service
+from hadron.boot import artifacts, secureboot
 from hadron.context import Context
 from hadron.engine.cache import Output
 from hadron.engine.sandbox import STANDARD, Variation, base_env
@@ -47,7 +52,7 @@ def variant_jobs(reference_jobs: int) -> int:
 @dataclass
 class Compared:
     name: str
-    kind: str  # "package" or "image"
+    kind: str  # "package", "image", "uki" or "disk"
     reference: str  # digest
     rebuilt: str
     diff: str = ""  # diffoscope's report, first lines, when they differ
@@ -113,9 +118,30 @@ def _manifest_digest(oci_layout: Path) -> str:
     return str(desc["digest"])
 
 
+@contextlib.contextmanager
+def varied_process(v: Variation) -> Iterator[None]:
+    """This process (and the host programs it runs) with ``v``'s umask, time zone and locale."""
+    old_umask = os.umask(v.umask)
+    saved = {k: os.environ.get(k) for k in v.env}
+    os.environ.update(v.env)
+    time.tzset()
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+        time.tzset()
+
+
 def verify_repro(ctx: Context, targets: list[str], *, work: Path, keep: Path | None = None,
+                 keys: secureboot.KeySet | None = None,
                  say: Callable[[str], None] = lambda _m: None) -> ReproReport:
-    """Build ``targets`` normally, rebuild them in a varied second cache under ``work``, compare."""
+    """Build ``targets`` normally, rebuild them in a varied second cache under ``work``, compare.
+    With ``keys``, also make and compare every boot artifact of every image (signed with them)."""
     t0 = time.monotonic()
     say("reference build (the project's cache)")
     ref = service.build(ctx, targets, quiet=True)
@@ -167,9 +193,34 @@ def verify_repro(ctx: Context, targets: list[str], *, work: Path, keep: Path | N
             c.report = str(path)
             c.diff = diffoscope(img_a.rootfs, img_b.rootfs, path)
         report.compared.append(c)
+    if keys is not None:
+        epoch = ctx.settings.source_date_epoch
+        for img_a, img_b in zip(ref.images, var.images, strict=True):
+            boot = ctx.images[img_a.name].spec.boot
+            if not boot:
+                continue
+            say(f"{img_a.name}: boot artifacts ({', '.join(boot)}) from the reference build")
+            made_a = artifacts.make_all(img_a, boot, keys, work / "artifacts", epoch=epoch)
+            say(f"{img_a.name}: boot artifacts from the varied rebuild, in another directory, umask "
+                f"{variation.umask:04o}, " + ", ".join(f"{k}={v}" for k, v in sorted(variation.env.items())))
+            with varied_process(variation):
+                made_b = artifacts.make_all(img_b, boot, keys, work / "variant" / "boot-artifacts", epoch=epoch)
+            for art_a, art_b in zip(made_a, made_b, strict=True):
+                c = Compared(art_a.name, art_a.kind, art_a.digest(), art_b.digest())
+                if not c.identical:
+                    say(f"{art_a.name}: differs; locating …")
+                    c.diff = "\n".join(artifacts.differences(art_a.kind, art_a.path, art_b.path))
+                    path = report_path(f"artifact-{art_a.name}")
+                    path.write_text(c.diff + "\n")
+                    c.report = str(path)
+                report.compared.append(c)
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         shutil.move(str(variant_layout.root), str(keep / "cache"))
+        for d, name in ((work / "artifacts", "boot-artifacts"), (work / "variant" / "boot-artifacts",
+                                                                  "boot-artifacts-variant")):
+            if d.is_dir():
+                shutil.move(str(d), str(keep / name))
         report.kept = str(keep)
     report.seconds = time.monotonic() - t0
     return report
