@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from hadron.engine.fetch import file_sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLCHAIN = os.environ.get("HADRON_E2E_TOOLCHAIN", "host")
 TOOLS = ("bwrap", "qemu-system-x86_64", "swtpm", "sbsign", "mcopy", "mdir", "sfdisk", "virt-fw-vars", "openssl",
@@ -74,6 +76,14 @@ def test_immutable_disk_layout(keys: Path, tmp_path: Path) -> None:
     assert layout[1]["uuid"].replace("-", "") == h[:32] and layout[2]["uuid"].replace("-", "") == h[32:]
     assert f"roothash={h}" in str(doc["cmdline"]) and doc["uki"] == "EFI/Linux/core-immutable_7+3.efi"
     print("\nimmutable disk: " + ", ".join(f"{p['type']} {p['label']} {p['bytes'] / 2**20:.2f} MiB" for p in layout))
+    # byte-reproducible: the same disk again, in another directory, with another umask, time zone and locale
+    again = tmp_path / "elsewhere" / "imm.raw"
+    res = subprocess.run([sys.executable, "-m", "hadron", "image", "disk", "core-immutable", "--boot", "immutable",
+                          "--keys", str(keys), "-o", str(again), "--version", "7", "--toolchain", TOOLCHAIN],
+                         cwd=ROOT, capture_output=True, text=True, umask=0o002,
+                         env={**os.environ, "TZ": "<+14>-14", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"})
+    assert res.returncode == 0, res.stderr
+    assert file_sha256(again) == file_sha256(out), "the immutable disk differs when made a second time"
     # an image without the immutable layout is refused, and nothing is written
     res = hadron("image", "disk", "core", "--boot", "immutable", "--keys", str(keys), "-o", str(tmp_path / "x.raw"))
     assert res.returncode != 0 and "does not carry the immutable boot path" in res.stderr
