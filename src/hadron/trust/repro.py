@@ -31,6 +31,7 @@ from hadron.engine.cache import Output
 from hadron.engine.sandbox import STANDARD, Variation, base_env
 from hadron.errors import BuildError
 from hadron.image import oci
+from hadron.image.build import BuiltImage
 from hadron.layout import CacheLayout
 
 # Host programs this module runs (rows of hadron.host's table).
@@ -194,26 +195,8 @@ def verify_repro(ctx: Context, targets: list[str], *, work: Path, keep: Path | N
             c.diff = diffoscope(img_a.rootfs, img_b.rootfs, path)
         report.compared.append(c)
     if keys is not None:
-        epoch = ctx.settings.source_date_epoch
         for img_a, img_b in zip(ref.images, var.images, strict=True):
-            boot = ctx.images[img_a.name].spec.boot
-            if not boot:
-                continue
-            say(f"{img_a.name}: boot artifacts ({', '.join(boot)}) from the reference build")
-            made_a = artifacts.make_all(img_a, boot, keys, work / "artifacts", epoch=epoch)
-            say(f"{img_a.name}: boot artifacts from the varied rebuild, in another directory, umask "
-                f"{variation.umask:04o}, " + ", ".join(f"{k}={v}" for k, v in sorted(variation.env.items())))
-            with varied_process(variation):
-                made_b = artifacts.make_all(img_b, boot, keys, work / "variant" / "boot-artifacts", epoch=epoch)
-            for art_a, art_b in zip(made_a, made_b, strict=True):
-                c = Compared(art_a.name, art_a.kind, art_a.digest(), art_b.digest())
-                if not c.identical:
-                    say(f"{art_a.name}: differs; locating …")
-                    c.diff = "\n".join(artifacts.differences(art_a.kind, art_a.path, art_b.path))
-                    path = report_path(f"artifact-{art_a.name}")
-                    path.write_text(c.diff + "\n")
-                    c.report = str(path)
-                report.compared.append(c)
+            report.compared += compare_boot_artifacts(ctx, img_a, img_b, keys, work, variation, report_path, say)
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         shutil.move(str(variant_layout.root), str(keep / "cache"))
@@ -224,6 +207,34 @@ def verify_repro(ctx: Context, targets: list[str], *, work: Path, keep: Path | N
         report.kept = str(keep)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def compare_boot_artifacts(ctx: Context, img_a: BuiltImage, img_b: BuiltImage, keys: secureboot.KeySet, work: Path,
+                           variation: Variation, report_path: Callable[[str], Path],
+                           say: Callable[[str], None]) -> list[Compared]:
+    """Make the image's boot artifacts from the reference build and, in another directory under
+    ``variation``'s umask, time zone and locale, from the rebuild; compare them."""
+    boot = ctx.images[img_a.name].spec.boot
+    if not boot:
+        return []
+    say(f"{img_a.name}: boot artifacts ({', '.join(boot)}) from the reference build")
+    made_a = artifacts.make_all(img_a, boot, keys, work / "artifacts", epoch=ctx.settings.source_date_epoch)
+    say(f"{img_a.name}: boot artifacts from the varied rebuild, in another directory, umask "
+        f"{variation.umask:04o}, " + ", ".join(f"{k}={v}" for k, v in sorted(variation.env.items())))
+    with varied_process(variation):
+        made_b = artifacts.make_all(img_b, boot, keys, work / "variant" / "boot-artifacts",
+                                    epoch=ctx.settings.source_date_epoch)
+    out = []
+    for art_a, art_b in zip(made_a, made_b, strict=True):
+        c = Compared(art_a.name, art_a.kind, art_a.digest(), art_b.digest())
+        if not c.identical:
+            say(f"{art_a.name}: differs; locating …")
+            c.diff = "\n".join(artifacts.differences(art_a.kind, art_a.path, art_b.path))
+            path = report_path(f"artifact-{art_a.name}")
+            path.write_text(c.diff + "\n")
+            c.report = str(path)
+        out.append(c)
+    return out
 
 
 def _diff_outputs(a: Output, b: Output, report: Path) -> str:
