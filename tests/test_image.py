@@ -88,13 +88,14 @@ def test_setuid_outside_the_allow_list_is_refused(project: Project) -> None:
 
 
 def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Project) -> None:
-    # "other" installs the same /usr/bin/hello and /bin/hi as "hello".
+    # "other" installs the same /usr/bin/hello as "hello", and its hi in /usr/sbin, not /bin.
     digest = make_tarball(mini.dist / "other-1.tar.gz", "other-1",
                           {"hello.c": HELLO_C.replace("hello from hadron", "other wins")})
     recipe = (mini.packages / "hello.toml").read_text().replace('name = "hello"', 'name = "other"')
     recipe = recipe.replace("hello-1.tar.gz", "other-1.tar.gz").split("sha256 = ")[0] + f'sha256 = "{digest}"\n' + \
         'unsigned = "a test file: no upstream signature"\n' + \
-        "[build]" + recipe.split("[build]")[1]
+        "[build]" + recipe.split("[build]")[1].replace('ln -s ../usr/bin/hello "$DESTDIR/bin/hi"',
+                                                      'install -Dm755 hello "$DESTDIR/usr/sbin/hi"')
     (mini.packages / "other.toml").write_text(recipe)
     add_image(mini, "both", ["hello", "other"])
     res = mini.hadron("build", "both")
@@ -109,6 +110,13 @@ def test_shared_path_needs_replaces_then_the_replacing_package_wins(mini: Projec
     rootfs = Path(str(info["path"])) / "rootfs"
     out = subprocess.run([str(rootfs / "usr/bin/hello")], capture_output=True, text=True)
     assert out.stdout == "other wins\n"
+    # replaces covers a program's name: hello's hi (/bin/hi, now /usr/bin/hi) is gone, other's
+    # /usr/sbin/hi stays, and no record lists the dropped file.
+    assert not (rootfs / "usr/bin/hi").exists() and not (rootfs / "usr/bin/hi").is_symlink()
+    out = subprocess.run([str(rootfs / "usr/sbin/hi")], capture_output=True, text=True)
+    assert out.stdout == "other wins\n"
+    sbom_files = {f["fileName"] for f in json.loads((rootfs.parent / "sbom.spdx.json").read_text())["files"]}
+    assert "./usr/sbin/hi" in sbom_files and "./usr/bin/hi" not in sbom_files
     comps = json.loads((rootfs / "usr/share/hadron/components.json").read_text())["components"]
     assert {c["name"] for c in comps} == {"hello", "other"}
     # replaces must name the image's packages; extends must name an image.

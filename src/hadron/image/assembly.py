@@ -142,6 +142,23 @@ def merge_usr(b: ImageBuild) -> None:
                 top.symlink_to(f"usr/{d}")
 
 
+PROGRAM_DIRS = ("usr/bin", "usr/sbin")
+
+
+def drop_replaced_programs(b: ImageBuild) -> None:
+    """``replaces`` covers a program's name, not only its path: once /bin and /sbin are merged into
+    /usr, a replaced package's program in the other program directory goes too (busybox's
+    /usr/sbin/mke2fs applet would otherwise come before e2fsprogs' /usr/bin/mke2fs on PATH)."""
+    for winner, losers in sorted(b.image.spec.replaces.items()):
+        names = {Path(rel).name for rel, owner in b.owners.items()
+                 if owner == winner and Path(rel).parent.as_posix() in PROGRAM_DIRS}
+        for rel, owner in sorted(b.owners.items()):
+            p = Path(rel)
+            if owner in losers and p.parent.as_posix() in PROGRAM_DIRS and p.name in names:
+                (b.rootfs / rel).unlink()
+                del b.owners[rel]
+
+
 def _is_strippable_elf(p: Path) -> bool:
     try:
         with p.open("rb") as f:
@@ -287,7 +304,7 @@ def configure_system(b: ImageBuild) -> None:
 
 # Part of every image key: bumped when the steps change what an image contains, so that images
 # are assembled again without rebuilding any package.
-ASSEMBLY_VERSION = "5"
+ASSEMBLY_VERSION = "6"
 
 UPDATED_STAMP = """\
 # The modification time of /usr for which /etc and /var were last updated (the format of
@@ -477,6 +494,7 @@ def attest(b: ImageBuild) -> None:
 STEPS: list[Step] = [
     copy_outputs,
     merge_usr,
+    drop_replaced_programs,
     install_kernel,
     strip_binaries,
     check_dlopen,
